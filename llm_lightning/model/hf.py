@@ -1,0 +1,118 @@
+"""Mapping between our Transformer and Hugging Face's Llama layout.
+
+The architectures are the same; only names differ and we fuse q/k/v and gate/up into one
+projection each. `transformers` is imported only by `to_hf_llama` (tests, parity checks):
+export itself writes config.json and safetensors without it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm_lightning.model.config import ModelConfig
+from llm_lightning.model.transformer import Transformer
+
+
+def hf_config(config: ModelConfig, eos_id: int | None = None) -> dict:
+    """The config.json of an equivalent LlamaForCausalLM."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,  # read by transformers 4.x
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},  # 5.x
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": config.init_std,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+    }
+
+
+def config_from_hf(values: dict) -> ModelConfig:
+    rope = values.get("rope_parameters") or {}
+    return ModelConfig(
+        vocab_size=values["vocab_size"],
+        hidden_size=values["hidden_size"],
+        num_layers=values["num_hidden_layers"],
+        num_heads=values["num_attention_heads"],
+        num_kv_heads=values.get("num_key_value_heads") or values["num_attention_heads"],
+        intermediate_size=values["intermediate_size"],
+        max_seq_len=values.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", values.get("rope_theta", 10000.0))),
+        norm_eps=values.get("rms_norm_eps", 1e-5),
+        tie_embeddings=values.get("tie_word_embeddings", False),
+        init_std=values.get("initializer_range", 0.02),
+    )
+
+
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    kv_dim = cfg.num_kv_heads * cfg.head_dim
+    state = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.norm.weight}
+    if not cfg.tie_embeddings:
+        state["lm_head.weight"] = model.lm_head.weight
+    for i, block in enumerate(model.layers):
+        prefix = f"model.layers.{i}."
+        q, k, v = block.attn.qkv_proj.weight.split([cfg.hidden_size, kv_dim, kv_dim])
+        gate, up = block.mlp.gate_up_proj.weight.chunk(2)
+        state.update(
+            {
+                prefix + "input_layernorm.weight": block.attn_norm.weight,
+                prefix + "self_attn.q_proj.weight": q,
+                prefix + "self_attn.k_proj.weight": k,
+                prefix + "self_attn.v_proj.weight": v,
+                prefix + "self_attn.o_proj.weight": block.attn.o_proj.weight,
+                prefix + "post_attention_layernorm.weight": block.mlp_norm.weight,
+                prefix + "mlp.gate_proj.weight": gate,
+                prefix + "mlp.up_proj.weight": up,
+                prefix + "mlp.down_proj.weight": block.mlp.down_proj.weight,
+            }
+        )
+    return {name: tensor.detach().contiguous() for name, tensor in state.items()}
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict from a Llama one (the way back, for continued pretraining)."""
+    ours = {
+        "embed_tokens.weight": state["model.embed_tokens.weight"],
+        "norm.weight": state["model.norm.weight"],
+    }
+    ours["lm_head.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        attn = [state[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
+        ours.update(
+            {
+                f"layers.{i}.attn_norm.weight": state[p + "input_layernorm.weight"],
+                f"layers.{i}.attn.qkv_proj.weight": torch.cat(attn),
+                f"layers.{i}.attn.o_proj.weight": state[p + "self_attn.o_proj.weight"],
+                f"layers.{i}.mlp_norm.weight": state[p + "post_attention_layernorm.weight"],
+                f"layers.{i}.mlp.gate_up_proj.weight": torch.cat(
+                    [state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]
+                ),
+                f"layers.{i}.mlp.down_proj.weight": state[p + "mlp.down_proj.weight"],
+            }
+        )
+    return ours
+
+
+def to_hf_llama(model: Transformer):
+    """An in-memory transformers LlamaForCausalLM with our weights (needs `transformers`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model.config)))
+    hf.load_state_dict(to_hf_state_dict(model), strict=not model.config.tie_embeddings)
+    return hf

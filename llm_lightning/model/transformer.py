@@ -1,0 +1,83 @@
+"""The decoder-only transformer, plain `torch.nn` (no Lightning), Llama-compatible.
+
+Notable:
+- pre-normalisation: x + attn(norm(x)), then x + mlp(norm(x)), and a final RMSNorm;
+- grouped-query attention through SDPA (flash / memory-efficient kernels where available);
+- rotary position embeddings, extendable past `max_seq_len`;
+- SwiGLU feed-forward; optional tied input/output embeddings;
+- a KV cache for incremental decoding (`new_cache`, then `forward(ids, cache=cache)`);
+- GPT-2 / Llama style init, with the residual output projections scaled by 1/sqrt(2 x layers)
+  so the residual stream's variance does not grow with depth.
+Weights map one to one onto Hugging Face's LlamaForCausalLM (q/k/v and gate/up are fused
+here and split on export).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llm_lightning.model.config import ModelConfig
+from llm_lightning.model.layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = Attention(config, layer_index)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = SwiGLU(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, param in self.named_parameters():
+            if param.dim() == 1:  # norm weights
+                nn.init.ones_(param)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(param, mean=0.0, std=std)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        weight = self.embed_tokens.weight
+        return KVCache(
+            self.config, batch_size, max_len or self.config.max_seq_len, weight.device, dtype or weight.dtype
+        )
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normalised hidden states, (batch, seq, hidden): everything but the LM head."""
+        start = cache.length if cache is not None else 0
+        cos, sin = self.rotary(start, input_ids.shape[1])
+        x = self.embed_tokens(input_ids)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for token ids (batch, seq)."""
+        return self.lm_head(self.hidden_states(input_ids, cache))

@@ -42,6 +42,6 @@ def main(args: list[str] | None = None) -> None:
             sys.exit(run_tool(argv[0], argv[1:]))
         from llm_lightning.training.cli import run_lightning_cli
 
-        run_lightning_cli(argv)
+        run_lightning_cli(args)  # None: LightningCLI reads sys.argv itself
     except UserError as error:
         fail(str(error))

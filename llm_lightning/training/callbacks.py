@@ -1,0 +1,138 @@
+"""Callbacks: the run log a person watches, and the guard against non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from llm_lightning.errors import UserError
+from llm_lightning.model import flops_per_token
+from llm_lightning.training.throughput import device_peak_flops
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunLog(L.Callback):
+    """Tokens/s, MFU and a JSON-lines record of the run beside its checkpoints.
+
+    Throughput is measured over each logging interval (`trainer.log_every_n_steps` optimizer
+    steps) rather than per step, so the hot loop never waits on the device. Every record is
+    appended to `<checkpoint dir>/metrics.jsonl`, which `llm-lightning monitor` reads.
+    """
+
+    def __init__(self) -> None:
+        self._mark: tuple[float, int] | None = None  # (time, global step) at the last record
+        self._peak: float | None = None
+        self._start = time.time()
+
+    def _path(self, trainer: L.Trainer) -> Path | None:
+        checkpoint = trainer.checkpoint_callback
+        dirpath = getattr(checkpoint, "dirpath", None)
+        return Path(dirpath) / METRICS_FILE if dirpath else None
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, record: dict) -> None:
+        path = self._path(trainer)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"time": time.time(), "elapsed": time.time() - self._start, **record}
+        with path.open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+    def _tokens_per_step(self, trainer: L.Trainer, pl_module) -> int:
+        datamodule = trainer.datamodule
+        return datamodule.batch_size * pl_module.hparams.max_length
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._start = time.time()
+        self._mark = (time.perf_counter(), trainer.global_step)
+        self._peak = device_peak_flops(pl_module.device, trainer.precision)
+        self._write(trainer, {
+            "event": "start",
+            "step": trainer.global_step,
+            "max_steps": trainer.max_steps,
+            "tokens_per_step": self._tokens_per_step(trainer, pl_module),
+            "world_size": trainer.world_size,
+        })
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._mark is None or step == self._mark[1] or step % trainer.log_every_n_steps:
+            return
+        now = time.perf_counter()
+        steps = step - self._mark[1]
+        tokens_per_s = steps * self._tokens_per_step(trainer, pl_module) / (now - self._mark[0])
+        self._mark = (now, step)
+        metrics = {"train/tokens_per_s": tokens_per_s, "train/tokens": step * self._tokens_per_step(trainer, pl_module)}
+        if self._peak:
+            achieved = tokens_per_s * flops_per_token(pl_module.config, pl_module.hparams.max_length)
+            metrics["train/mfu"] = achieved / (self._peak * trainer.world_size)
+        pl_module.log("train/tokens_per_s", tokens_per_s, prog_bar=True, logger=False, rank_zero_only=True)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        loss = getattr(pl_module, "last_loss", None)
+        self._write(trainer, {
+            "event": "train",
+            "step": step,
+            "train/loss": float(loss) if loss is not None else None,
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            **metrics,
+        })
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
+            return
+        loss = float(trainer.callback_metrics["val/loss"])
+        self._write(trainer, {"event": "val", "step": trainer.global_step, "val/loss": loss,
+                              "val/ppl": math.exp(min(loss, 50.0))})
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["run_elapsed"] = time.time() - self._start
+
+
+class NonFiniteGuard(L.Callback):
+    """Stops (or skips the step) when the loss or the gradients stop being finite.
+
+    Checked once per optimizer step, on the global gradient norm: a NaN or inf loss in any
+    micro-batch of the step shows up there. `skip` drops the gradients so the optimizer leaves
+    every parameter untouched. Under 16-mixed, inf gradients are the loss scaler's business
+    (it skips the step and lowers the scale), so only the loss is checked.
+    """
+
+    def __init__(self, action: str = "stop") -> None:
+        if action not in ("stop", "skip"):
+            raise UserError(f"--nonfinite.action {action!r}: choose stop or skip")
+        self.action = action
+        self.skipped = 0
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        loss = getattr(pl_module, "last_loss", None)
+        finite = loss is None or bool(torch.isfinite(loss))
+        if finite and str(trainer.precision) != "16-mixed":
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if finite:
+            return
+        if self.action == "skip":
+            self.skipped += 1
+            optimizer.zero_grad(set_to_none=True)  # params without .grad are left alone by AdamW
+            pl_module.log("train/skipped_steps", float(self.skipped))
+            return
+        raise UserError(
+            f"loss or gradients became NaN/inf at step {trainer.global_step}; training stopped. "
+            f"Last good checkpoint: {last_checkpoint(trainer) or 'none yet'}. Lower --model.learning_rate, "
+            "use bf16-mixed instead of 16-mixed, or pass --nonfinite.action skip"
+        )
+
+
+def last_checkpoint(trainer: L.Trainer) -> str | None:
+    checkpoint = trainer.checkpoint_callback
+    path = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
+    return path or None

@@ -1,0 +1,69 @@
+"""Peak FLOP/s of the device, for model FLOPs utilisation (MFU).
+
+GPUs: a table of dense peaks by dtype (vendor datasheets, dense, no sparsity). CPUs have no
+datasheet figure worth trusting, so their peak is measured: the best of a few large matrix
+products in the training dtype, the ceiling a transformer step could reach here.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cache
+
+import torch
+
+# Dense peak FLOP/s: (bf16/fp16 tensor cores, tf32, fp32). Matched by substring of the CUDA name.
+GPU_PEAKS: dict[str, tuple[float, float, float]] = {
+    "H200": (989e12, 494.7e12, 66.9e12),
+    "H100 PCIe": (756e12, 378e12, 51.2e12),
+    "H100": (989e12, 494.7e12, 66.9e12),
+    "A100": (312e12, 156e12, 19.5e12),
+    "A10G": (125e12, 62.5e12, 31.2e12),
+    "L40S": (362e12, 183e12, 91.6e12),
+    "L4": (121e12, 60e12, 30.3e12),
+    "RTX 4090": (165e12, 82.6e12, 82.6e12),
+    "RTX 3090": (71e12, 35.6e12, 35.6e12),
+    "V100": (125e12, 15.7e12, 15.7e12),
+}
+
+
+def precision_dtype(precision: str | int | None) -> torch.dtype:
+    text = str(precision)
+    if "bf16" in text:
+        return torch.bfloat16
+    if text.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
+    for key, (half, tf32, fp32) in GPU_PEAKS.items():
+        if key in name:
+            if dtype in (torch.bfloat16, torch.float16):
+                return half
+            return tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32
+    return None
+
+
+@cache
+def cpu_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """Best FLOP/s of a (size x size) @ (size x size) product on this CPU, in `dtype`."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b  # warm-up: thread pool and kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def device_peak_flops(device: torch.device, precision: str | int | None) -> float | None:
+    """Peak FLOP/s of one device at this precision; None when unknown."""
+    dtype = precision_dtype(precision)
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
+    if device.type == "cpu":
+        return cpu_peak_flops(dtype)
+    return None

@@ -1,0 +1,1 @@
+"""Subcommands beyond fit/validate: generate, export, monitor, setup, bench, demo."""

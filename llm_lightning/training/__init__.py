@@ -1,0 +1,1 @@
+"""The Lightning side: LanguageModel, callbacks, optimizer and the LightningCLI wiring."""

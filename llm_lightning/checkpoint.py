@@ -28,8 +28,14 @@ def load_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as error:
         reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-        raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise UserError(
+            f"{flag} {path}: not a readable checkpoint (truncated or corrupt?): {reason}"
+        ) from None
+    if (
+        not isinstance(checkpoint, dict)
+        or "state_dict" not in checkpoint
+        or "hyper_parameters" not in checkpoint
+    ):
         raise UserError(f"{flag} {path}: not an llm-lightning checkpoint (no state_dict / hyper_parameters)")
     if not any(key.startswith("model.") for key in checkpoint["state_dict"]):
         raise UserError(f"{flag} {path}: not an llm-lightning checkpoint (no transformer weights)")
@@ -54,7 +60,9 @@ def load_model(checkpoint: dict, flag: str = "--ckpt_path") -> Transformer:
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
-        raise UserError(f"{flag}: weights do not fit the saved model config: {str(error).splitlines()[0]}") from None
+        raise UserError(
+            f"{flag}: weights do not fit the saved model config: {str(error).splitlines()[0]}"
+        ) from None
     return model.eval()
 
 

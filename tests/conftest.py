@@ -40,7 +40,9 @@ def write_corpus(folder: Path, documents: list[str]) -> Path:
         (folder / f"doc_{i:03d}.txt").write_text(doc)
     for i, doc in enumerate(documents[quarter : 2 * quarter]):
         (folder / "nested" / f"note_{i:03d}.md").write_text(f"# Note {i}\n\n{doc}")
-    (folder / "items.json").write_text(json.dumps([{"text": d} for d in documents[2 * quarter : 3 * quarter]]))
+    (folder / "items.json").write_text(
+        json.dumps([{"text": d} for d in documents[2 * quarter : 3 * quarter]])
+    )
     with (folder / "nested" / "lines.jsonl").open("w") as stream:
         for doc in documents[3 * quarter :]:
             stream.write(json.dumps({"text": doc}) + "\n")
@@ -58,18 +60,44 @@ def prepared_dir(corpus_dir, tmp_path_factory) -> Path:
     from llm_lightning.data.prepare import prepare
 
     output = tmp_path_factory.mktemp("prepared") / "processed_data"
-    prepare(input_dir=corpus_dir, output_dir=output, tokenizer_type="bpe", vocab_size=512,
-            max_length=32, stride=32, num_workers=1, val_fraction=0.1, seed=0)
+    prepare(
+        input_dir=corpus_dir,
+        output_dir=output,
+        tokenizer_type="bpe",
+        vocab_size=512,
+        max_length=32,
+        stride=32,
+        num_workers=1,
+        val_fraction=0.1,
+        seed=0,
+    )
     return output
 
 
 # Flags that make a fit small and fast on a CPU: a 2-layer model, fp32, no workers.
 TINY_FIT = [
-    "--model.preset", "tiny", "--model.hidden_size", "64", "--model.num_layers", "2",
-    "--model.num_heads", "4", "--model.warmup_steps", "5", "--model.learning_rate", "3e-3",
-    "--trainer.precision", "32-true", "--trainer.log_every_n_steps", "5",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--data.num_workers", "0",
+    "--model.preset",
+    "tiny",
+    "--model.hidden_size",
+    "64",
+    "--model.num_layers",
+    "2",
+    "--model.num_heads",
+    "4",
+    "--model.warmup_steps",
+    "5",
+    "--model.learning_rate",
+    "3e-3",
+    "--trainer.precision",
+    "32-true",
+    "--trainer.log_every_n_steps",
+    "5",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--data.num_workers",
+    "0",
 ]
 
 
@@ -78,5 +106,9 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict |
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "llm_lightning", *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from llm_lightning.errors import UserError
@@ -54,13 +55,16 @@ class RunLog(L.Callback):
         self._start = time.time()
         self._mark = (time.perf_counter(), trainer.global_step)
         self._peak = device_peak_flops(pl_module.device, trainer.precision)
-        self._write(trainer, {
-            "event": "start",
-            "step": trainer.global_step,
-            "max_steps": trainer.max_steps,
-            "tokens_per_step": self._tokens_per_step(trainer, pl_module),
-            "world_size": trainer.world_size,
-        })
+        self._write(
+            trainer,
+            {
+                "event": "start",
+                "step": trainer.global_step,
+                "max_steps": trainer.max_steps,
+                "tokens_per_step": self._tokens_per_step(trainer, pl_module),
+                "world_size": trainer.world_size,
+            },
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -70,7 +74,10 @@ class RunLog(L.Callback):
         steps = step - self._mark[1]
         tokens_per_s = steps * self._tokens_per_step(trainer, pl_module) / (now - self._mark[0])
         self._mark = (now, step)
-        metrics = {"train/tokens_per_s": tokens_per_s, "train/tokens": step * self._tokens_per_step(trainer, pl_module)}
+        metrics = {
+            "train/tokens_per_s": tokens_per_s,
+            "train/tokens": step * self._tokens_per_step(trainer, pl_module),
+        }
         if self._peak:
             achieved = tokens_per_s * flops_per_token(pl_module.config, pl_module.hparams.max_length)
             metrics["train/mfu"] = achieved / (self._peak * trainer.world_size)
@@ -78,23 +85,56 @@ class RunLog(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         loss = getattr(pl_module, "last_loss", None)
-        self._write(trainer, {
-            "event": "train",
-            "step": step,
-            "train/loss": float(loss) if loss is not None else None,
-            "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            **metrics,
-        })
+        self._write(
+            trainer,
+            {
+                "event": "train",
+                "step": step,
+                "train/loss": float(loss) if loss is not None else None,
+                "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                **metrics,
+            },
+        )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
             return
         loss = float(trainer.callback_metrics["val/loss"])
-        self._write(trainer, {"event": "val", "step": trainer.global_step, "val/loss": loss,
-                              "val/ppl": math.exp(min(loss, 50.0))})
+        self._write(
+            trainer,
+            {
+                "event": "val",
+                "step": trainer.global_step,
+                "val/loss": loss,
+                "val/ppl": math.exp(min(loss, 50.0)),
+            },
+        )
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["run_elapsed"] = time.time() - self._start
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that saves only right after an optimizer step.
+
+    Lightning calls on_train_batch_end for every micro-batch; with gradient accumulation, the
+    micro-batches after a step still see `global_step % n == 0`, and on resume the first one
+    would overwrite `checkpoint_step_N.ckpt` with a state whose data position is one
+    micro-batch past its weights. Saving only when the step count has just changed keeps every
+    checkpoint at an optimizer-step boundary, which exact resume needs.
+    """
+
+    _seen_step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._seen_step = trainer.global_step
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self._seen_step:
+            return
+        self._seen_step = trainer.global_step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class NonFiniteGuard(L.Callback):

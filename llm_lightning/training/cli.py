@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from llm_lightning.checkpoint import load_checkpoint
 from llm_lightning.data.datamodule import TextDataModule, accumulation_steps
 from llm_lightning.errors import UserError
-from llm_lightning.training.callbacks import NonFiniteGuard, RunLog
+from llm_lightning.training.callbacks import NonFiniteGuard, RunLog, StepCheckpoint
 from llm_lightning.training.module import SHAPE_KEYS, LanguageModel
 
 
@@ -43,25 +43,36 @@ class BestCheckpoint(ModelCheckpoint):
     """best.ckpt: the lowest val/loss so far, kept beside the periodic checkpoints."""
 
     def __init__(self, dirpath: str) -> None:
-        super().__init__(dirpath=dirpath, filename="best", monitor="val/loss", mode="min", save_top_k=1,
-                         auto_insert_metric_name=False, enable_version_counter=False)
+        super().__init__(
+            dirpath=dirpath,
+            filename="best",
+            monitor="val/loss",
+            mode="min",
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        )
 
 
 class LLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.dirpath": "./checkpoints",
-            "checkpoint.filename": "checkpoint_step_{step}",
-            "checkpoint.auto_insert_metric_name": False,
-            "checkpoint.every_n_train_steps": 1000,
-            "checkpoint.save_top_k": -1,
-            "checkpoint.save_last": True,
-            "checkpoint.enable_version_counter": False,
-        })
+        parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.dirpath": "./checkpoints",
+                "checkpoint.filename": "checkpoint_step_{step}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.every_n_train_steps": 1000,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.save_last": True,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_argument(
-            "--eval_interval", type=int, default=500,
+            "--eval_interval",
+            type=int,
+            default=500,
             help="Validate every this many optimizer steps (the seed's --eval_interval).",
         )
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")

@@ -21,8 +21,17 @@ from llm_lightning.training.optim import build_optimizer, warmup_cosine
 # Keys of the model's shape that must agree between a checkpoint and the data it meets.
 SHAPE_KEYS = ("vocab_size", "max_length")
 # Size flags that override a preset (None: keep the preset's value).
-MODEL_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "rope_theta",
-              "tie_embeddings", "dropout", "init_std")
+MODEL_KEYS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "rope_theta",
+    "tie_embeddings",
+    "dropout",
+    "init_std",
+)
 
 
 def config_from_hparams(hparams) -> ModelConfig:
@@ -110,7 +119,9 @@ class LanguageModel(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             micro = getattr(datamodule, "micro_batch_size", 1)
-            self.flops_per_batch = flops_per_token(self.config, self.hparams.max_length) * micro * self.hparams.max_length
+            self.flops_per_batch = (
+                flops_per_token(self.config, self.hparams.max_length) * micro * self.hparams.max_length
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("hyper_parameters", {})
@@ -167,7 +178,9 @@ class LanguageModel(L.LightningModule):
         optimizer = build_optimizer(self.model, h.learning_rate, h.weight_decay, h.betas, self.device)
         # Sized from max_steps, never from estimated_stepping_batches (breaks resume, Lightning #20550).
         max_steps = h.max_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 100_000)
-        schedule = partial(warmup_cosine, warmup_steps=h.warmup_steps, max_steps=max_steps, min_ratio=h.min_lr_ratio)
+        schedule = partial(
+            warmup_cosine, warmup_steps=h.warmup_steps, max_steps=max_steps, min_ratio=h.min_lr_ratio
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

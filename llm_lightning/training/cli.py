@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from llm_lightning.checkpoint import load_checkpoint
 from llm_lightning.data.datamodule import TextDataModule, accumulation_steps
 from llm_lightning.errors import UserError
+from llm_lightning.training.checkpoint_io import AtomicCheckpointIO
 from llm_lightning.training.callbacks import NonFiniteGuard, RunLog, StepCheckpoint
 from llm_lightning.training.module import SHAPE_KEYS, LanguageModel
 
@@ -135,5 +136,6 @@ def run_lightning_cli(argv: list[str] | None = None) -> LLMCLI:
             "precision": default_precision(),
             "use_distributed_sampler": False,  # TextDataModule shards windows itself
             "callbacks": [LearningRateMonitor(logging_interval="step"), RunLog()],
+            "plugins": [AtomicCheckpointIO()],
         },
     )

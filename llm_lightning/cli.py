@@ -7,7 +7,9 @@ module with a `main(argv) -> int`, listed in `TOOLS`.
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import re
 import sys
 
 from llm_lightning.errors import UserError
@@ -24,6 +26,25 @@ TOOLS = {
 }
 
 
+USAGE = """usage: llm-lightning COMMAND [options]   (llm-lightning COMMAND --help for its options)
+
+Training (LightningCLI: YAML configs with --config, any Trainer/model/data flag):
+  fit         train a model, or resume one with --ckpt_path last
+  validate    exact per-token validation loss of a checkpoint
+  test        the same on the test split (the validation split)
+  predict     greedy next-token predictions
+
+Data and tools:
+  prepare        raw text folder -> tokenizer + token files (the seed's data_prep_tool.py)
+  generate       sample text from a checkpoint
+  export         a checkpoint as a Hugging Face Llama folder
+  monitor        table and plots of a run (the seed's utils.py monitor)
+  setup          check the installation and devices (the seed's utils.py setup)
+  bench          time training steps: tokens/s, MFU, memory
+  bench-prepare  time the prepare pipeline
+"""
+
+
 def run_tool(name: str, argv: list[str]) -> int:
     module = importlib.import_module(TOOLS[name])
     return module.main(argv)
@@ -37,11 +58,23 @@ def fail(message: str) -> None:
 
 def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
+        sys.exit(0 if argv else 2)
     try:
-        if argv and argv[0] in TOOLS:
+        if argv[0] in TOOLS:
             sys.exit(run_tool(argv[0], argv[1:]))
         from llm_lightning.training.cli import run_lightning_cli
 
         run_lightning_cli(args)  # None: LightningCLI reads sys.argv itself
     except UserError as error:
         fail(str(error))
+    except argparse.ArgumentError as error:  # jsonargparse's, raised by the LightningCLI parsers
+        configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
+        where = f" in --config {' '.join(configs)} or the flags" if configs else ""
+        fail(f"{one_line(str(error))}{where} (see `llm-lightning {argv[0]} --help`)")
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    text = re.sub(r"\s+", " ", message).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."

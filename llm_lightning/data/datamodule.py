@@ -136,6 +136,9 @@ class TextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
     def state_dict(self) -> dict:
         """Saved in every checkpoint: the tokenizer travels with the model it was trained with."""
         from llm_lightning.data.tokenizer import tokenizer_files

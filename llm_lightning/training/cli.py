@@ -19,8 +19,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from llm_lightning.checkpoint import load_checkpoint
 from llm_lightning.data.datamodule import TextDataModule, accumulation_steps
 from llm_lightning.errors import UserError
-from llm_lightning.training.checkpoint_io import AtomicCheckpointIO
 from llm_lightning.training.callbacks import NonFiniteGuard, RunLog, StepCheckpoint
+from llm_lightning.training.checkpoint_io import AtomicCheckpointIO
 from llm_lightning.training.module import SHAPE_KEYS, LanguageModel
 
 
@@ -56,6 +56,10 @@ class BestCheckpoint(ModelCheckpoint):
 
 
 class LLMCLI(LightningCLI):
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        # Raise instead of printing the whole usage: main() turns it into one line, exit 2.
+        return super().init_parser(**{"prog": "llm-lightning", **kwargs, "exit_on_error": False})
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.set_defaults(

@@ -54,7 +54,10 @@ class RunLog(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         self._start = time.time()
         self._mark = (time.perf_counter(), trainer.global_step)
-        self._peak = device_peak_flops(pl_module.device, trainer.precision)
+        # MFU only against a published peak (GPUs): a CPU's peak must be measured on a quiet
+        # machine, which `llm-lightning bench` does and a training run cannot.
+        gpu = pl_module.device.type == "cuda"
+        self._peak = device_peak_flops(pl_module.device, trainer.precision) if gpu else None
         self._write(
             trainer,
             {

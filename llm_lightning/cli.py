@@ -12,6 +12,8 @@ import importlib
 import re
 import sys
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
 from llm_lightning.errors import UserError
 
 # subcommand -> module with `main(argv: list[str]) -> int`
@@ -69,6 +71,8 @@ def main(args: list[str] | None = None) -> None:
         run_lightning_cli(args)  # None: LightningCLI reads sys.argv itself
     except UserError as error:
         fail(str(error))
+    except MisconfigurationException as error:  # Lightning's word on accelerator/devices/strategy
+        fail(f"--trainer.accelerator/devices/strategy do not fit this machine: {one_line(str(error))}")
     except argparse.ArgumentError as error:  # jsonargparse's, raised by the LightningCLI parsers
         configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
         where = f" in --config {' '.join(configs)} or the flags" if configs else ""

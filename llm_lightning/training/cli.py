@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from llm_lightning.checkpoint import load_checkpoint
 from llm_lightning.data.datamodule import TextDataModule, accumulation_steps
@@ -104,7 +105,11 @@ class LLMCLI(LightningCLI):
         config = self._get(self.config_init, "checkpoint")
         kwargs.setdefault("callbacks", [])
         kwargs["callbacks"].append(BestCheckpoint(str(config.dirpath)))
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        # Set here rather than as a `plugins` default: a plugin instance cannot be saved in config.yaml.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def before_fit(self) -> None:
         trainer, data = self.trainer, self.datamodule
@@ -140,6 +145,5 @@ def run_lightning_cli(argv: list[str] | None = None) -> LLMCLI:
             "precision": default_precision(),
             "use_distributed_sampler": False,  # TextDataModule shards windows itself
             "callbacks": [LearningRateMonitor(logging_interval="step"), RunLog()],
-            "plugins": [AtomicCheckpointIO()],
         },
     )

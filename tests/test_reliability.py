@@ -70,8 +70,10 @@ def test_kill_9_then_resume_from_last_matches_an_uninterrupted_run(prepared_dir,
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
+    # last.ckpt is written right after checkpoint_step_N: a kill between the two leaves the
+    # previous complete one, so at most one interval (5 steps) is redone
     interrupted_at = load_checkpoint(killed / "last.ckpt")["global_step"]
-    assert 15 <= interrupted_at < 30
+    assert 10 <= interrupted_at < 30
 
     resumed = fit(prepared_dir, killed, *plan, "--ckpt_path", "last", steps=30)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -63,6 +63,13 @@ def test_sampler_shards_are_disjoint_equal_and_cover_the_epoch():
     assert len(seen) == len(set(seen)) == 100
 
 
+def test_sampler_epochs_hold_whole_global_batches():
+    # 101 windows, global batch 8 over 2 ranks: 96 windows, 48 per rank, 12 optimizer steps
+    shards = [ShuffledShardSampler(101, seed=0, rank=r, world_size=2, global_batch=8) for r in range(2)]
+    assert [len(s) for s in shards] == [48, 48]
+    assert len(list(shards[0])) == 48
+
+
 def test_sampler_order_depends_on_seed_and_epoch_only():
     a, b = ShuffledShardSampler(50, seed=1), ShuffledShardSampler(50, seed=1)
     assert list(a) == list(b)

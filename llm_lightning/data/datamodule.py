@@ -121,11 +121,11 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         windows = self._windows("train")
         rank, world = self._rank_and_world()
-        sampler = ShuffledShardSampler(len(windows), self.seed, rank, world)
-        if len(sampler) < self.micro_batch_size:
+        sampler = ShuffledShardSampler(len(windows), self.seed, rank, world, global_batch=self.batch_size)
+        if len(sampler) == 0:
             raise UserError(
-                f"{self.data_dir}: {len(windows)} training windows, fewer than one micro-batch of "
-                f"{self.micro_batch_size} per device; lower --data.micro_batch_size or prepare more text"
+                f"{self.data_dir}: {len(windows)} training windows, fewer than one batch of "
+                f"{self.batch_size}; lower --data.batch_size or prepare more text"
             )
         # drop_last: every batch has the same shape (no recompiles) and every rank the same count
         return ResumableDataLoader(windows, sampler=sampler, drop_last=True, **self._loader_options())

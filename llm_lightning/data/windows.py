@@ -96,13 +96,18 @@ class ScoredWindows(TokenWindows):
 class ShuffledShardSampler(Sampler[int]):
     """A seeded per-epoch permutation, dealt to ranks, that can resume mid-epoch.
 
-    Every rank gets the same number of indices (the permutation is cut to a multiple of
-    world_size, dropping at most world_size - 1 windows per epoch), so DDP ranks stay in step.
+    The permutation is cut to a multiple of `global_batch` (sequences per optimizer step over
+    all ranks), dropping fewer than one global batch of windows per epoch: every rank gets the
+    same number of indices, so DDP ranks stay in step, and every optimizer step of the epoch
+    sees a full batch (a partial accumulation at the end of an epoch would be a smaller step).
     `skip` is set on resume: that many of this rank's indices were consumed before the stop.
     """
 
-    def __init__(self, length: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, length: int, seed: int, rank: int = 0, world_size: int = 1, global_batch: int | None = None
+    ):
         self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
+        self.global_batch = global_batch or world_size
         self.epoch = 0
         self.skip = 0
 
@@ -110,7 +115,7 @@ class ShuffledShardSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.length // self.world_size
+        return self.length // self.global_batch * self.global_batch // self.world_size
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)

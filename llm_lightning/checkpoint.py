@@ -17,13 +17,13 @@ from llm_lightning.model import ModelConfig, Transformer
 DATAMODULE_KEY = "TextDataModule"
 
 
-def load_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> dict:
+def load_checkpoint(path: str | Path, flag: str = "--ckpt_path", mmap: bool = False) -> dict:
     """The checkpoint's dictionary; UserError for a missing, truncated, corrupt or foreign file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - garbage bytes fail deep inside the unpickler, in any way
         reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
         raise UserError(

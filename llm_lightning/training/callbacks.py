@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -140,6 +144,48 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
+class SlurmRequeue(L.Callback):
+    """When SLURM warns the job (SIGUSR1, `#SBATCH --signal=SIGUSR1@90`): save, requeue, stop.
+
+    Lightning's own handler saves from inside the signal handler, wherever the process is: in DDP
+    one rank can enter the save's barrier while another waits in a collective, and both hang
+    (Lightning #21406); DataLoader workers, which SLURM signals too, inherit the handler and try
+    to save as well. Here the handler only sets a flag in the training process. After each
+    optimizer step the ranks agree on it, all save `last.ckpt` (a step boundary, like the periodic
+    checkpoints), rank 0 runs `scontrol requeue`, and training stops. A handler installed in
+    `setup` also keeps Lightning from installing its own.
+    """
+
+    def __init__(self) -> None:
+        self._pid: int | None = None
+        self._requested = False
+        self._seen_step: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and SLURMEnvironment.detect():
+            self._pid = os.getpid()
+            signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if os.getpid() == self._pid:  # forked DataLoader workers inherit this handler: they ignore it
+            self._requested = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._seen_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._pid is None or trainer.global_step == self._seen_step:
+            return  # not under SLURM, or between the micro-batches of one optimizer step
+        self._seen_step = trainer.global_step
+        if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
+            return
+        checkpoint = trainer.checkpoint_callback
+        trainer.save_checkpoint(Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt")
+        if trainer.is_global_zero:
+            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+        trainer.should_stop = True
+
+
 class NonFiniteGuard(L.Callback):
     """Stops (or skips the step) when the loss or the gradients stop being finite.
 
@@ -161,6 +207,10 @@ class NonFiniteGuard(L.Callback):
         if finite and str(trainer.precision) != "16-mixed":
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        # Ranks see their own loss (and, under FSDP, their own gradient shard): agree first,
+        # or one rank raises while the others wait for it in the next collective.
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            finite = False
         if finite:
             return
         if self.action == "skip":

@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from llm_lightning.checkpoint import load_checkpoint
 from llm_lightning.data.datamodule import TextDataModule, accumulation_steps
 from llm_lightning.errors import UserError
-from llm_lightning.training.callbacks import NonFiniteGuard, RunLog, StepCheckpoint
+from llm_lightning.training.callbacks import NonFiniteGuard, RunLog, SlurmRequeue, StepCheckpoint
 from llm_lightning.training.checkpoint_io import AtomicCheckpointIO
 from llm_lightning.training.module import SHAPE_KEYS, LanguageModel
 
@@ -96,15 +96,21 @@ class LLMCLI(LightningCLI):
             if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
                 raise UserError(f"--ckpt_path {ckpt_path}: no such file; give a .ckpt file or `last`")
             return
-        hparams = dict(load_checkpoint(ckpt_path)["hyper_parameters"])
+        # mmap: every rank reads only the hyperparameters, not gigabytes of optimizer state
+        hparams = dict(load_checkpoint(ckpt_path, mmap=True)["hyper_parameters"])
         for key in (*SHAPE_KEYS, "_instantiator", "_class_path", "compile", "init_from"):
             hparams.pop(key, None)
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "checkpoint")
-        kwargs.setdefault("callbacks", [])
-        kwargs["callbacks"].append(BestCheckpoint(str(config.dirpath)))
+        # Passing `callbacks` replaces the config's list: keep --trainer.callbacks in it.
+        from_config = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        kwargs["callbacks"] = [
+            *from_config,
+            *kwargs.get("callbacks", []),
+            BestCheckpoint(str(config.dirpath)),
+        ]
         trainer = super().instantiate_trainer(**kwargs)
         # Set here rather than as a `plugins` default: a plugin instance cannot be saved in config.yaml.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -144,6 +150,6 @@ def run_lightning_cli(argv: list[str] | None = None) -> LLMCLI:
             "log_every_n_steps": 100,
             "precision": default_precision(),
             "use_distributed_sampler": False,  # TextDataModule shards windows itself
-            "callbacks": [LearningRateMonitor(logging_interval="step"), RunLog()],
+            "callbacks": [LearningRateMonitor(logging_interval="step"), RunLog(), SlurmRequeue()],
         },
     )

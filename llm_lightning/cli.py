@@ -12,8 +12,6 @@ import importlib
 import re
 import sys
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-
 from llm_lightning.errors import UserError
 
 # subcommand -> module with `main(argv: list[str]) -> int`
@@ -63,11 +61,16 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
-    try:
-        if argv[0] in TOOLS:
+    if argv[0] in TOOLS:  # without importing Lightning: `prepare` starts in a blink
+        try:
             sys.exit(run_tool(argv[0], argv[1:]))
-        from llm_lightning.training.cli import run_lightning_cli
+        except UserError as error:
+            fail(str(error))
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from llm_lightning.training.cli import run_lightning_cli
+
+    try:
         run_lightning_cli(args)  # None: LightningCLI reads sys.argv itself
     except UserError as error:
         fail(str(error))

@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     # fmt: off
-    add("--size_mb", type=float, default=30, metavar="MB", help="size of the generated corpus (default: 30)")
+    add("--size_mb", type=float, default=20, metavar="MB", help="size of the generated corpus (default: 20)")
     add("--source", type=Path, metavar="FILE",
         help="make documents from runs of this text file's lines instead of synthetic English")
     add("--tokenizer_type", choices=KINDS, default="bpe", metavar="KIND", help="tokenizer kind (default: bpe)")

@@ -6,6 +6,8 @@ Notable:
 - rotary position embeddings, extendable past `max_seq_len`;
 - SwiGLU feed-forward; optional tied input/output embeddings;
 - a KV cache for incremental decoding (`new_cache`, then `forward(ids, cache=cache)`);
+- `forward(ids, targets=...)` returns the loss, computed chunk by chunk so the full
+  (tokens x vocab) logits and their gradient are never held at once;
 - GPT-2 / Llama style init, with the residual output projections scaled by 1/sqrt(2 x layers)
   so the residual stream's variance does not grow with depth.
 Weights map one to one onto Hugging Face's LlamaForCausalLM (q/k/v and gate/up are fused
@@ -20,7 +22,14 @@ import torch
 from torch import nn
 
 from llm_lightning.model.config import ModelConfig
-from llm_lightning.model.layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from llm_lightning.model.layers import (
+    Attention,
+    KVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    linear_cross_entropy,
+)
 
 
 class Block(nn.Module):
@@ -78,6 +87,20 @@ class Transformer(nn.Module):
             cache.length += input_ids.shape[1]
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (batch, seq, vocab) for token ids (batch, seq)."""
-        return self.lm_head(self.hidden_states(input_ids, cache))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for token ids (batch, seq).
+
+        With `targets` (batch, seq), the cross entropy instead: the mean over tokens, or
+        per-token losses (batch x seq,) with reduction="none", computed without materialising
+        the whole (batch, seq, vocab) logits (see `linear_cross_entropy`).
+        """
+        hidden = self.hidden_states(input_ids, cache)
+        if targets is None:
+            return self.lm_head(hidden)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction)

@@ -11,7 +11,6 @@ from functools import partial
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import SumMetric
 
 from llm_lightning.errors import UserError
@@ -137,12 +136,13 @@ class LanguageModel(L.LightningModule):
         return self.model(input_ids)
 
     def _token_losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.model(inputs)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        """Per-token losses (batch x seq,) in fp32, without the full logits in memory."""
+        return self.model(inputs, targets=targets, reduction="none")
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
-        loss = self._token_losses(inputs, targets).mean()
+        # The model's chunked loss: its gradients come out of the forward pass, cache-hot.
+        loss = self.model(inputs, targets=targets)
         # A tensor, not loss.item(): Lightning reduces it at log time, no sync every step.
         self.log("train/loss", loss, prog_bar=True)
         self.last_loss = loss.detach()
@@ -175,7 +175,10 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        optimizer = build_optimizer(self.model, h.learning_rate, h.weight_decay, h.betas, self.device)
+        scaling = str(self.trainer.precision) == "16-mixed"  # a GradScaler unscales before clipping
+        optimizer = build_optimizer(
+            self.model, h.learning_rate, h.weight_decay, h.betas, self.device, scaling
+        )
         # Sized from max_steps, never from estimated_stepping_batches (breaks resume, Lightning #20550).
         max_steps = h.max_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 100_000)
         schedule = partial(

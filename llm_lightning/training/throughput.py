@@ -46,16 +46,27 @@ def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
 
 
 @cache
-def cpu_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
-    """Best FLOP/s of a (size x size) @ (size x size) product on this CPU, in `dtype`."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    a @ b  # warm-up: thread pool and kernel selection
-    best = float("inf")
-    for _ in range(repeats):
+def cpu_peak_flops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
+    """Best FLOP/s of a (size x size) @ (size x size) product on this CPU, in `dtype`.
+
+    The best of repeated tries over about `seconds` (at least 5): on a shared machine most
+    tries can be slowed by other work, the fastest is the one closest to the hardware. A
+    dtype without hardware support (bf16 on a CPU lacking avx512_bf16/AMX runs ~100x slower)
+    is measured on a smaller product, so that the measurement stays short.
+    """
+    probe = torch.randn(256, 256).to(dtype)
+    probe @ probe  # warm-up: thread pool and kernel selection
+    start = time.perf_counter()
+    probe @ probe
+    if (time.perf_counter() - start) * (size / 256) ** 3 > 0.2:
+        size = 256
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    best, tries, deadline = float("inf"), 0, time.perf_counter() + seconds
+    while tries < 5 or (time.perf_counter() < deadline and tries < 100):
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
+        tries += 1
     return 2 * size**3 / best
 
 

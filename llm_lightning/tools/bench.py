@@ -1,0 +1,447 @@
+"""`llm-lightning bench`: time training steps of a model on this device.
+
+Two modes:
+- `loop`: our Transformer and optimizer in a plain PyTorch loop (forward, loss, backward,
+  gradient clipping, AdamW step, schedule step) on random token ids already in memory;
+- `fit`: the whole Lightning path a user runs: LanguageModel, TextDataModule over a token
+  file in a temporary prepared-data folder, a Trainer with the project's callbacks; the steps
+  are timed by a callback.
+
+After `--warmup` untimed steps it reports tokens/s, step time (median, min, max), achieved
+TFLOP/s (the PaLM / nanoGPT count of `flops_per_token`, LM head included), MFU against the
+device's peak (a datasheet table for GPUs, a measured matrix-product peak for CPUs), peak
+memory (CUDA: max allocated; CPU: the process's largest resident set) and, in fit mode, the
+share of step time spent outside the training step waiting for the next batch.
+
+The timing helpers here (`time_steps`, `summarize`, `autocast`) are shared with the
+benchmark scripts that time other libraries' models the same way (scripts/bench_*.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from llm_lightning.errors import UserError
+from llm_lightning.model import PRESETS, ModelConfig, Transformer, flops_per_token
+from llm_lightning.training.throughput import device_peak_flops
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
+# ----------------------------------------------------------------------------- arguments
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="llm-lightning bench", description="Time training steps on this device."
+    )
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default tiny)")
+    parser.add_argument("--hidden_size", type=int, help="override the preset's width")
+    parser.add_argument("--num_layers", type=int, help="override the preset's depth")
+    parser.add_argument("--num_heads", type=int, help="override the preset's query heads")
+    parser.add_argument("--num_kv_heads", type=int, help="key/value heads (GQA); default num_heads")
+    parser.add_argument("--vocab_size", type=int, default=8192)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--micro_batch_size", type=int, default=8)
+    parser.add_argument("--precision", default="32-true", help=f"one of {', '.join(PRECISIONS)}")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--mode", default="loop", help="loop (plain PyTorch) or fit (Lightning)")
+    parser.add_argument(
+        "--num_workers", type=int, help="fit mode: DataLoader workers (default: the data module's)"
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.precision not in PRECISIONS:
+        raise UserError(f"--precision {args.precision}: choose one of {', '.join(PRECISIONS)}")
+    if args.mode not in ("loop", "fit"):
+        raise UserError(f"--mode {args.mode}: choose loop or fit")
+    for name in ("steps", "seq_len", "micro_batch_size", "vocab_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.warmup < 0:
+        raise UserError(f"--warmup {args.warmup}: must be 0 or more")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be at least 1")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num_workers {args.num_workers}: must be 0 or more")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: choose cpu, cuda or auto")
+    return torch.device(name)
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig.from_preset(
+        args.preset,
+        vocab_size=args.vocab_size,
+        max_seq_len=args.seq_len,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+    )
+
+
+# ----------------------------------------------------------------------------- shared timing helpers
+def autocast(device: torch.device, precision: str):
+    """The autocast context a `*-mixed` precision means (what Lightning's plugin enters)."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a step's wall time is the device's time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Wall seconds of each of `steps` calls of `step`, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured): CUDA's max allocated, or the CPU process's max resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max allocated"
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib * 1024, "process max RSS"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model_name()
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def summarize(
+    step_times: list[float],
+    tokens_per_step: int,
+    flops_per_tok: int,
+    device: torch.device,
+    precision: str,
+) -> dict:
+    """Throughput, FLOP/s and MFU from the timed steps (median step time: robust to noise)."""
+    median = statistics.median(step_times)
+    tokens_per_s = tokens_per_step / median
+    achieved = tokens_per_s * flops_per_tok
+    peak = device_peak_flops(device, precision)
+    memory, memory_kind = peak_memory(device)
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "precision": precision,
+        "tokens_per_step": tokens_per_step,
+        "step_time_s": {"median": median, "min": min(step_times), "max": max(step_times)},
+        "step_times_s": step_times,
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_tok,
+        "achieved_tflops": achieved / 1e12,
+        "peak_tflops": peak / 1e12 if peak else None,
+        "mfu": achieved / peak if peak else None,
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+    }
+
+
+def random_batches(count: int, batch: int, seq_len: int, vocab: int, device, seed: int) -> list:
+    """(inputs, targets) pairs of random ids: the arithmetic does not depend on the values."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=generator)
+        batches.append((ids[:, :-1].to(device), ids[:, 1:].to(device)))
+    return batches
+
+
+# ----------------------------------------------------------------------------- loop mode
+def run_loop(args: argparse.Namespace, config: ModelConfig, device: torch.device) -> list[float]:
+    """Step times of our Transformer + optimizer in a plain loop (what `fit` does, minus Lightning)."""
+    from functools import partial
+
+    from llm_lightning.training.optim import build_optimizer, warmup_cosine
+
+    model = Transformer(config).to(device)
+    if args.compile:
+        model.compile()  # in place, as LanguageModel.configure_model does
+    optimizer = build_optimizer(model, 3e-4, 0.1, (0.9, 0.95), device, args.precision == "16-mixed")
+    total = args.warmup + args.steps
+    schedule = partial(warmup_cosine, warmup_steps=min(10, total), max_steps=total, min_ratio=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16-mixed")
+    batches = random_batches(4, args.micro_batch_size, args.seq_len, config.vocab_size, device, args.seed)
+    position = iter(range(10**9))
+
+    def step() -> None:
+        inputs, targets = batches[next(position) % len(batches)]
+        with autocast(device, args.precision):
+            loss = model(inputs, targets=targets)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+    return time_steps(step, args.steps, args.warmup, device)
+
+
+# ----------------------------------------------------------------------------- fit mode
+def write_prepared_folder(folder: Path, vocab: int, seq_len: int, windows: int, seed: int) -> Path:
+    """A prepared-data folder (metadata.json + dataset/*.bin) of random tokens, `windows` long."""
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    rng = np.random.default_rng(seed)
+    (folder / "dataset").mkdir(parents=True, exist_ok=True)
+    rng.integers(0, vocab, windows * seq_len + 1, dtype=dtype).tofile(folder / "dataset" / "train.bin")
+    rng.integers(0, vocab, 2 * seq_len + 1, dtype=dtype).tofile(folder / "dataset" / "val.bin")
+    metadata = {
+        "vocab_size": vocab,
+        "max_length": seq_len,
+        "stride": seq_len,
+        "dtype": np.dtype(dtype).name,
+        "eos_id": 0,
+        "note": "random tokens written by llm-lightning bench",
+    }
+    (folder / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    return folder
+
+
+class TrainClock(L.Callback):
+    """Times training batches and keeps a training-only clock for time-to-loss.
+
+    `starts`/`ends` are the wall times of every train batch's start and end. The clock adds
+    up each batch and the wait before it, but not validation, which is not training: with a
+    `path`, every validation appends {"step", "train_seconds", "val_loss"} to that JSON-lines file.
+    Usable from the CLI: `--trainer.callbacks+=llm_lightning.tools.bench.TrainClock`.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.train_seconds = 0.0
+        self._after_validation = True  # no wait to count before the first batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self.ends and not self._after_validation:
+            self.train_seconds += now - self.ends[-1]
+        self._after_validation = False
+        self.starts.append(now)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        synchronize(pl_module.device)
+        self.ends.append(time.perf_counter())
+        self.train_seconds += self.ends[-1] - self.starts[-1]
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._after_validation = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self.path or "val/loss" not in trainer.callback_metrics:
+            return
+        record = {
+            "step": trainer.global_step,
+            "train_seconds": self.train_seconds,
+            "val_loss": float(trainer.callback_metrics["val/loss"]),
+        }
+        with open(self.path, "a") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+
+def quiet_lightning() -> None:
+    """Keep the table readable: Lightning's info lines and advice do not apply to a benchmark."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(logging interval|LeafSpec|does not have many workers).*")
+
+
+def run_fit(args: argparse.Namespace, config: ModelConfig, device: torch.device) -> tuple[list[float], float]:
+    """Step times through Lightning, and the share of them spent between steps (data wait).
+
+    A step is the time from one on_train_batch_start to the next, so it includes fetching the
+    next batch; the data wait is the time from on_train_batch_end to the next batch's start.
+    """
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from llm_lightning.data.datamodule import TextDataModule
+    from llm_lightning.training.callbacks import NonFiniteGuard, RunLog
+    from llm_lightning.training.module import LanguageModel
+
+    quiet_lightning()
+    batches = args.warmup + args.steps + 1  # one more: a step ends when the next one starts
+    with tempfile.TemporaryDirectory(prefix="llm-bench-") as tmp:
+        data_dir = write_prepared_folder(
+            Path(tmp) / "data", config.vocab_size, args.seq_len, batches * args.micro_batch_size, args.seed
+        )
+        data_options = {} if args.num_workers is None else {"num_workers": args.num_workers}
+        datamodule = TextDataModule(
+            str(data_dir),
+            batch_size=args.micro_batch_size,
+            micro_batch_size=args.micro_batch_size,
+            **data_options,
+        )
+        model = LanguageModel(
+            vocab_size=config.vocab_size,
+            max_length=args.seq_len,
+            preset=args.preset,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            warmup_steps=min(10, batches),
+            max_steps=batches,
+            compile=args.compile,
+        )
+        timer = TrainClock()
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            precision=args.precision,
+            max_steps=batches,
+            gradient_clip_val=1.0,
+            log_every_n_steps=100,  # the CLI's default
+            callbacks=[LearningRateMonitor(logging_interval="step"), RunLog(), NonFiniteGuard(), timer],
+            default_root_dir=tmp,
+            logger=TensorBoardLogger(tmp, name="bench"),  # what the CLI gets by default
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,
+        )
+        trainer.fit(model, datamodule=datamodule)
+    starts, ends = timer.starts[args.warmup :], timer.ends[args.warmup :]
+    step_times = [later - start for start, later in zip(starts, starts[1:], strict=False)]
+    waits = [start - end for end, start in zip(ends, starts[1:], strict=False)]
+    return step_times, sum(waits) / sum(step_times)
+
+
+# ----------------------------------------------------------------------------- report
+def format_table(result: dict) -> str:
+    """A two-column table of the headline numbers."""
+    step = result["step_time_s"]
+    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (unknown device peak)"
+    peak = f"{result['peak_tflops']:.3f}" if result["peak_tflops"] else "n/a"
+    rows = [
+        ("mode", result["mode"]),
+        ("device", f"{result['device_name']} ({result['device']}, {result['threads']} threads)"),
+        ("model", f"{result['model']}, {result['parameters'] / 1e6:.1f}M parameters"),
+        ("batch", f"{result['micro_batch_size']} x {result['seq_len']} tokens, {result['precision']}"),
+        ("compile", str(result["compile"])),
+        ("tokens/s", f"{result['tokens_per_s']:,.0f}"),
+        ("step time (s)", f"median {step['median']:.4f}  min {step['min']:.4f}  max {step['max']:.4f}"),
+        ("achieved TFLOP/s", f"{result['achieved_tflops']:.4f}  (peak {peak})"),
+        ("MFU", mfu),
+        ("peak memory", f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB ({result['peak_memory_kind']})"),
+    ]
+    if result.get("data_wait_share") is not None:
+        rows.append(("data wait", f"{result['data_wait_share']:.2%} of step time"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    config = model_config(args)
+    reset_peak_memory(device)
+    if args.mode == "loop":
+        step_times, data_wait = run_loop(args, config, device), None
+    else:
+        step_times, data_wait = run_fit(args, config, device)
+    tokens = args.micro_batch_size * args.seq_len
+    result = summarize(step_times, tokens, flops_per_token(config, args.seq_len), device, args.precision)
+    from llm_lightning.model import num_parameters
+
+    result.update(
+        mode=args.mode,
+        compile=args.compile,
+        model=f"{args.preset} h{config.hidden_size} L{config.num_layers} heads {config.num_heads}/{config.num_kv_heads} vocab {config.vocab_size}",
+        config=config.to_dict(),
+        parameters=num_parameters(config),
+        seq_len=args.seq_len,
+        micro_batch_size=args.micro_batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        data_wait_share=data_wait,
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    result = run(args)
+    print(format_table(result))
+    if args.json_path:
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

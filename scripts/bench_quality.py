@@ -1,0 +1,261 @@
+"""Time to loss and the quality bar: our `llm-lightning fit` against litgpt's GPT in a plain loop.
+
+Both train the tiny preset's dimensions on the same prepared corpus (byte-level BPE, vocab
+8192, windows of 256 tokens), on the same batches in the same order (our window dataset and
+shuffling sampler, seed 1337), with the same AdamW settings, warmup + cosine schedule,
+batch and gradient clipping, and are scored on the same validation tokens (every token of
+the val split once) at the same steps. Each side's clock counts training only (batches and
+the wait for them), not validation or checkpoint writes.
+
+Reported: both val-loss curves, and the training seconds each needs to reach the loss that
+both reach (the higher of the two final losses), interpolated between eval points.
+
+    python scripts/bench_quality.py --peer_python .venv-bench/bin/python --corpus tinyshakespeare.txt
+The peer side runs as `python scripts/bench_quality.py peer ...` in the benchmark environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 1337  # the CLI's seed_everything default and TextDataModule's shuffling seed
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peer_python", required=True)
+    parser.add_argument("--corpus", required=True, help="a text file, e.g. tinyshakespeare.txt")
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--eval_interval", type=int, default=40)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--warmup_steps", type=int, default=24)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--precision", default=None, help="default: what `llm-lightning fit` picks here")
+    parser.add_argument("--peers", default="litgpt", help="comma-separated: litgpt, hf")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- orchestration (.venv)
+def run(cmd: list[str], **kwargs) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, **kwargs)
+    if done.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
+
+
+def prepare(corpus: Path, out: Path) -> Path:
+    """bpe 8192, windows of 256 tokens, 10% held out; reused while the corpus is unchanged."""
+    data, stamp = out / "data", f"{corpus.resolve()} {corpus.stat().st_size} {corpus.stat().st_mtime}"
+    stamp_file = out / "corpus.stamp"
+    if (data / "metadata.json").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
+        return data
+    raw = out / "raw"
+    shutil.rmtree(raw, ignore_errors=True)
+    raw.mkdir(parents=True)
+    shutil.copy(corpus, raw / corpus.name)
+    print(f"preparing {corpus} (bpe 8192, max_length 256) ...", flush=True)
+    run(
+        [sys.executable, "-m", "llm_lightning", "prepare", "--input_dir", str(raw), "--output_dir", str(data)]
+        + ["--tokenizer_type", "bpe", "--vocab_size", "8192", "--max_length", "256", "--stride", "256"]
+        + ["--val_fraction", "0.1", "--num_workers", "1", "--overwrite"]
+    )
+    (out / "corpus.stamp").write_text(stamp)
+    return data
+
+
+def train_ours(args: argparse.Namespace, data: Path, out: Path, precision: str) -> list[dict]:
+    """`llm-lightning fit` of the tiny preset, with TrainClock writing the curve (bench_fit_clock.py)."""
+    curve = out / "ours_curve.jsonl"
+    curve.unlink(missing_ok=True)
+    shutil.rmtree(out / "ours", ignore_errors=True)
+    run(
+        [sys.executable, str(REPO / "scripts" / "bench_fit_clock.py"), str(curve), "fit"]
+        + ["--model.preset", "tiny", "--data.data_dir", str(data)]
+        + ["--data.batch_size", str(args.batch_size), "--data.micro_batch_size", str(args.batch_size)]
+        + ["--trainer.max_steps", str(args.steps), "--eval_interval", str(args.eval_interval)]
+        + ["--model.learning_rate", str(args.learning_rate), "--model.warmup_steps", str(args.warmup_steps)]
+        + ["--trainer.precision", precision, "--trainer.enable_progress_bar", "false"]
+        + ["--checkpoint.dirpath", str(out / "ours" / "checkpoints")]
+        + ["--checkpoint.every_n_train_steps", str(10 * args.steps)]
+        + ["--trainer.default_root_dir", str(out / "ours")],
+        cwd=out,
+    )
+    return [json.loads(line) for line in curve.read_text().splitlines()]
+
+
+def train_peer(args: argparse.Namespace, impl: str, data: Path, out: Path, precision: str) -> list[dict]:
+    curve = out / f"{impl}_curve.json"
+    run(
+        [args.peer_python, __file__, "peer", "--impl", impl, "--data", str(data), "--json", str(curve)]
+        + ["--steps", str(args.steps), "--eval_interval", str(args.eval_interval)]
+        + ["--learning_rate", str(args.learning_rate), "--warmup_steps", str(args.warmup_steps)]
+        + ["--batch_size", str(args.batch_size), "--precision", precision]
+    )
+    return json.loads(curve.read_text())
+
+
+def seconds_to(curve: list[dict], target: float) -> float | None:
+    """Training seconds at which the val loss first reaches `target`, linear between eval points."""
+    previous = {"train_seconds": 0.0, "val_loss": float("inf")}
+    for point in curve:
+        if point["val_loss"] <= target:
+            if previous["val_loss"] == float("inf"):
+                return point["train_seconds"]
+            share = (previous["val_loss"] - target) / (previous["val_loss"] - point["val_loss"])
+            return previous["train_seconds"] + share * (point["train_seconds"] - previous["train_seconds"])
+        previous = point
+    return None
+
+
+NAMES = {"ours": "ours (llm-lightning fit)", "litgpt": "litgpt GPT loop", "hf": "HF Llama loop"}
+
+
+def report(curves: dict[str, list[dict]], precision: str, machine: str) -> tuple[str, dict]:
+    """Both curves side by side, then time to loss and the quality bar against each peer."""
+    names = list(curves)
+    header = " | ".join(f"{NAMES[n]}: val loss | train s" for n in names)
+    lines = [f"Machine: {machine}; precision {precision}", "", f"| step | {header} |"]
+    lines.append("|---:|" + "---:|---:|" * len(names))
+    for points in zip(*curves.values(), strict=True):
+        cells = " | ".join(f"{p['val_loss']:.4f} | {p['train_seconds']:.1f}" for p in points)
+        lines.append(f"| {points[0]['step']} | {cells} |")
+    summary = {"precision": precision, "curves": curves, "peers": {}}
+    ours = curves["ours"]
+    for peer in names[1:]:
+        theirs = curves[peer]
+        target = max(ours[-1]["val_loss"], theirs[-1]["val_loss"])
+        ours_s, peer_s = seconds_to(ours, target), seconds_to(theirs, target)
+        met = ours[-1]["val_loss"] <= theirs[-1]["val_loss"]
+        lines += [
+            "",
+            f"vs {NAMES[peer]}: time to val loss {target:.4f} (the higher final loss): ours {ours_s:.1f} s, "
+            f"{peer} {peer_s:.1f} s ({peer_s / ours_s:.2f}x ours). Quality bar (ours final <= {peer} final): "
+            f"{ours[-1]['val_loss']:.4f} vs {theirs[-1]['val_loss']:.4f}: {'met' if met else 'NOT met'}.",
+        ]
+        summary["peers"][peer] = {
+            "target_loss": target,
+            "ours_seconds_to_target": ours_s,
+            "peer_seconds_to_target": peer_s,
+            "quality_bar_met": met,
+        }
+    return "\n".join(lines), summary
+
+
+def orchestrate(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from llm_lightning.training.cli import default_precision
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_compare import machine_description
+
+    out = Path(args.out).resolve() / "quality"
+    out.mkdir(parents=True, exist_ok=True)
+    precision = args.precision or default_precision()
+    data = prepare(Path(args.corpus), out)
+    started = time.time()
+    print(f"training ours (llm-lightning fit), {args.steps} steps, {precision} ...", flush=True)
+    curves = {"ours": train_ours(args, data, out, precision)}
+    for peer in args.peers.split(","):
+        print(f"  {time.time() - started:.0f}s; training {NAMES[peer]} ...", flush=True)
+        curves[peer] = train_peer(args, peer, data, out, precision)
+    table, summary = report(curves, precision, machine_description())
+    (out.parent / "quality.json").write_text(json.dumps(summary, indent=2))
+    (out.parent / "quality.md").write_text(table + "\n")
+    print()
+    print(table)
+    return 0
+
+
+# ----------------------------------------------------------------------------- the peer side (.venv-bench)
+def peer_main(argv: list[str]) -> int:
+    import torch
+
+    from llm_lightning.data.windows import ScoredWindows, ShuffledShardSampler, TokenWindows
+    from llm_lightning.model import ModelConfig
+    from llm_lightning.tools.bench import autocast
+    from llm_lightning.training.optim import warmup_cosine
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_peers import build_peer, loss_function, peer_optimizer
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--impl", choices=["litgpt", "hf"], required=True)
+    for name, kind in [("data", str), ("json", str), ("steps", int), ("eval_interval", int)]:
+        parser.add_argument(f"--{name}", type=kind, required=True)
+    for name, kind in [("learning_rate", float), ("warmup_steps", int), ("batch_size", int)]:
+        parser.add_argument(f"--{name}", type=kind, required=True)
+    parser.add_argument("--precision", required=True)
+    args = parser.parse_args(argv)
+
+    data = Path(args.data)
+    meta = json.loads((data / "metadata.json").read_text())
+    files = [data / "dataset" / f"{split}.bin" for split in ("train", "val")]
+    train = TokenWindows(files[0], meta["dtype"], meta["max_length"], meta["stride"])
+    val = ScoredWindows(files[1], meta["dtype"], meta["max_length"], meta["stride"])
+    sampler = ShuffledShardSampler(len(train), SEED)
+    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+
+    torch.manual_seed(SEED)
+    device = torch.device("cpu")
+    config = ModelConfig.from_preset("tiny", vocab_size=meta["vocab_size"], max_seq_len=meta["max_length"])
+    model = build_peer(args.impl, config, device)  # each library's own initialisation
+    optimizer = peer_optimizer(model, args.learning_rate, device)
+    schedule = partial(warmup_cosine, warmup_steps=args.warmup_steps, max_steps=args.steps, min_ratio=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loss_fn = loss_function(args.impl)
+
+    def evaluate() -> float:
+        model.eval()
+        total = count = 0.0
+        with torch.no_grad(), autocast(device, args.precision):
+            for inputs, targets, scored in torch.utils.data.DataLoader(val, batch_size=args.batch_size):
+                logits = model(inputs) if args.impl == "litgpt" else model(input_ids=inputs).logits
+                logits = logits.float()
+                losses = torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), targets.flatten(), reduction="none"
+                )
+                total += float((losses * scored.flatten()).sum())
+                count += float(scored.sum())
+        model.train()
+        return total / count
+
+    curve, step, train_seconds, epoch = [], 0, 0.0, 0
+    while step < args.steps:
+        sampler.set_epoch(epoch)
+        batches = iter(loader)
+        while step < args.steps:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            inputs, targets = batch
+            with autocast(device, args.precision):
+                loss = loss_fn(model, inputs, targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            train_seconds += time.perf_counter() - start
+            if step % args.eval_interval == 0:
+                curve.append({"step": step, "train_seconds": train_seconds, "val_loss": evaluate()})
+        epoch += 1
+    Path(args.json).write_text(json.dumps(curve))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "peer":
+        sys.exit(peer_main(sys.argv[2:]))
+    sys.exit(orchestrate())

@@ -101,6 +101,20 @@ TINY_FIT = [
 ]
 
 
+@pytest.fixture(scope="session")
+def run_dir(prepared_dir, tmp_path_factory) -> Path:
+    """The checkpoint folder of one 20-step fit (checkpoints and validation at 10 and 20),
+    shared by the tests that need a trained run rather than a particular one."""
+    folder = tmp_path_factory.mktemp("trained_run")
+    result = run_cli(
+        "fit", *TINY_FIT, "--data.data_dir", prepared_dir, "--data.batch_size", "8",
+        "--data.micro_batch_size", "4", "--trainer.max_steps", "20", "--checkpoint.dirpath", folder / "ckpts",
+        "--checkpoint.every_n_train_steps", "10", "--eval_interval", "10", cwd=folder,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "ckpts"
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
     """Run `python -m llm_lightning ARGS` in a subprocess, as a user would."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}

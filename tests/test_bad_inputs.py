@@ -10,29 +10,14 @@ import torch
 import yaml
 
 from llm_lightning.cli import main
-from tests.conftest import TINY_FIT, run_cli
+from tests.conftest import TINY_FIT
 
 MATRIX = yaml.safe_load((Path(__file__).parent / "bad_inputs.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
-def trained_checkpoint(prepared_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("matrix_run")
-    result = run_cli(
-        "fit",
-        *TINY_FIT,
-        "--data.data_dir",
-        prepared_dir,
-        "--data.batch_size",
-        "8",
-        "--trainer.max_steps",
-        "2",
-        "--checkpoint.dirpath",
-        folder / "ckpt",
-        cwd=folder,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return folder / "ckpt" / "last.ckpt"
+def trained_checkpoint(run_dir) -> Path:
+    return run_dir / "last.ckpt"
 
 
 def fill(value: str, places: dict[str, Path]) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FIT, run_cli, synthetic_documents
+from conftest import run_cli, synthetic_documents
 
 from llm_lightning.checkpoint import load_checkpoint, load_model, load_tokenizer
 from llm_lightning.errors import UserError
@@ -32,33 +32,6 @@ MODEL_FLAGS = [
     "--model.num_heads",
     "4",
 ]  # the model TINY_FIT trains
-
-
-@pytest.fixture(scope="module")
-def run_dir(prepared_dir, tmp_path_factory) -> Path:
-    """The checkpoint folder of a 20-step fit (checkpoints at 10 and 20, validation at 10 and 20)."""
-    folder = tmp_path_factory.mktemp("tools_run")
-    result = run_cli(
-        "fit",
-        "--data.data_dir",
-        prepared_dir,
-        "--data.batch_size",
-        "8",
-        "--data.micro_batch_size",
-        "4",
-        "--trainer.max_steps",
-        str(MAX_STEPS),
-        "--checkpoint.dirpath",
-        folder / "ckpts",
-        "--checkpoint.every_n_train_steps",
-        "10",
-        "--eval_interval",
-        "10",
-        *TINY_FIT,
-        cwd=folder,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "ckpts"
 
 
 @pytest.fixture(scope="module")

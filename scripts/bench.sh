@@ -6,9 +6,12 @@
 #   bash scripts/bench.sh                 # everything
 #   bash scripts/bench.sh throughput      # only the side-by-side tokens/s
 #   bash scripts/bench.sh quality         # only time-to-loss / the quality bar
+#   bash scripts/bench.sh ablation        # only what each optimization is worth (our step, undone one at a time)
 #   BENCH_QUICK=1 bash scripts/bench.sh   # a short version (1 round, fewer steps)
 #   BENCH_CORPUS=FILE                     # corpus for the quality part (default: tinyshakespeare)
 #   BENCH_BF16=1                          # time bf16-mixed even on a CPU without fast bf16
+#   BENCH_PEERS=litgpt,hf                 # peers trained for the quality part (default litgpt)
+#   BENCH_OURS_ARGS="--model.init_std 0.04"  # extra flags for our fit in the quality part
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +19,7 @@ PART="${1:-all}"
 PY=.venv/bin/python
 PEER_VENV=.venv-bench
 OUT="${BENCH_OUT:-bench_out}"
+mkdir -p "$OUT"
 CORPUS="${BENCH_CORPUS:-/work/shared/data/tinyshakespeare.txt}"
 TORCH_PIN="${TORCH:-torch==2.13.0}"
 
@@ -31,9 +35,11 @@ fi
 if [ -n "${BENCH_QUICK:-}" ]; then
     THROUGHPUT_ARGS=(--rounds 1 --steps 4 --warmup 2)
     QUALITY_ARGS=(--steps 60 --eval_interval 20 --warmup_steps 6)
+    ABLATION_ARGS=(--steps 4 --warmup 1)
 else
     THROUGHPUT_ARGS=(--rounds 3 --steps 10 --warmup 3)
     QUALITY_ARGS=(--steps 240 --eval_interval 40 --warmup_steps 24)
+    ABLATION_ARGS=(--steps 16 --warmup 2)
 fi
 
 # bf16 matrix products are emulated (tens of times slower than fp32) on CPUs without
@@ -53,11 +59,16 @@ if [ "$PART" = all ] || [ "$PART" = throughput ]; then
         --precisions "$PRECISIONS" "${THROUGHPUT_ARGS[@]}"
 fi
 
+if [ "$PART" = all ] || [ "$PART" = ablation ]; then
+    echo "== ablation: our step with one optimization undone at a time =="
+    PYTHONPATH=. $PY scripts/bench_ablation.py "${ABLATION_ARGS[@]}" --json "$OUT/ablation.json" | tee "$OUT/ablation.txt"
+fi
+
 if [ "$PART" = all ] || [ "$PART" = quality ]; then
     echo "== time to loss / quality bar: llm-lightning fit vs litgpt plain loop =="
     if [ -f "$CORPUS" ]; then
         $PY scripts/bench_quality.py --peer_python "$PEER_VENV/bin/python" --corpus "$CORPUS" \
-            --out "$OUT" "${QUALITY_ARGS[@]}"
+            --out "$OUT" --peers "${BENCH_PEERS:-litgpt}" --ours_args "${BENCH_OURS_ARGS:-}" "${QUALITY_ARGS[@]}"
     else
         echo "skipped: no corpus at $CORPUS (set BENCH_CORPUS=FILE to a text file such as tinyshakespeare.txt)"
     fi

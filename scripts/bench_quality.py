@@ -1,14 +1,16 @@
-"""Time to loss and the quality bar: our `llm-lightning fit` against litgpt's GPT in a plain loop.
+"""Time to loss and the quality bar: our `llm-lightning fit` against peers' plain PyTorch loops.
 
-Both train the tiny preset's dimensions on the same prepared corpus (byte-level BPE, vocab
-8192, windows of 256 tokens), on the same batches in the same order (our window dataset and
-shuffling sampler, seed 1337), with the same AdamW settings, warmup + cosine schedule,
-batch and gradient clipping, and are scored on the same validation tokens (every token of
-the val split once) at the same steps. Each side's clock counts training only (batches and
-the wait for them), not validation or checkpoint writes.
+Ours and each peer (litgpt's GPT; optionally Hugging Face's LlamaForCausalLM) train the tiny
+preset's dimensions on the same prepared corpus (byte-level BPE, vocab 8192, windows of 256
+tokens), on the same batches in the same order (our window dataset and shuffling sampler,
+seed 1337), with the same AdamW settings, warmup + cosine schedule, batch and gradient
+clipping, each with its own library's initialisation, and are scored on the same validation
+tokens (every token of the val split once) at the same steps. Each side's clock counts
+training only (batches and the wait for them), not validation or checkpoint writes.
 
-Reported: both val-loss curves, and the training seconds each needs to reach the loss that
-both reach (the higher of the two final losses), interpolated between eval points.
+Reported: the val-loss curves side by side; against each peer, the training seconds each
+side needs to reach the loss both reach (the higher of the two final losses), interpolated
+between eval points, and whether our final loss is at least as low (the quality bar).
 
     python scripts/bench_quality.py --peer_python .venv-bench/bin/python --corpus tinyshakespeare.txt
 The peer side runs as `python scripts/bench_quality.py peer ...` in the benchmark environment.
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +46,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--precision", default=None, help="default: what `llm-lightning fit` picks here")
     parser.add_argument("--peers", default="litgpt", help="comma-separated: litgpt, hf")
+    parser.add_argument("--ours_args", default="", help="extra `llm-lightning fit` flags, for experiments")
     return parser.parse_args(argv)
 
 
@@ -87,7 +92,8 @@ def train_ours(args: argparse.Namespace, data: Path, out: Path, precision: str) 
         + ["--trainer.precision", precision, "--trainer.enable_progress_bar", "false"]
         + ["--checkpoint.dirpath", str(out / "ours" / "checkpoints")]
         + ["--checkpoint.every_n_train_steps", str(10 * args.steps)]
-        + ["--trainer.default_root_dir", str(out / "ours")],
+        + ["--trainer.default_root_dir", str(out / "ours")]
+        + shlex.split(args.ours_args),
         cwd=out,
     )
     return [json.loads(line) for line in curve.read_text().splitlines()]
@@ -104,17 +110,32 @@ def train_peer(args: argparse.Namespace, impl: str, data: Path, out: Path, preci
     return json.loads(curve.read_text())
 
 
-def seconds_to(curve: list[dict], target: float) -> float | None:
-    """Training seconds at which the val loss first reaches `target`, linear between eval points."""
-    previous = {"train_seconds": 0.0, "val_loss": float("inf")}
+def steps_to(curve: list[dict], target: float) -> float | None:
+    """Steps after which the val loss first reaches `target`, linear between eval points."""
+    previous = None
     for point in curve:
         if point["val_loss"] <= target:
-            if previous["val_loss"] == float("inf"):
-                return point["train_seconds"]
+            if previous is None:
+                return point["step"]
             share = (previous["val_loss"] - target) / (previous["val_loss"] - point["val_loss"])
-            return previous["train_seconds"] + share * (point["train_seconds"] - previous["train_seconds"])
+            return previous["step"] + share * (point["step"] - previous["step"])
         previous = point
     return None
+
+
+def seconds_to(curve: list[dict], target: float) -> tuple[float, float]:
+    """(steps to target x the run's median step time, the wall seconds of training until then).
+
+    The first is the figure to compare on a shared machine: one busy minute does not move a
+    median. The second is the raw clock, interpolated between eval points like the steps.
+    """
+    steps = steps_to(curve, target)
+    median = curve[-1]["median_step_s"]
+    clock = [(0, 0.0)] + [(p["step"], p["train_seconds"]) for p in curve]
+    for (s0, t0), (s1, t1) in zip(clock, clock[1:], strict=False):
+        if s0 <= steps <= s1:
+            return steps * median, t0 + (steps - s0) / (s1 - s0) * (t1 - t0)
+    return steps * median, clock[-1][1]
 
 
 NAMES = {"ours": "ours (llm-lightning fit)", "litgpt": "litgpt GPT loop", "hf": "HF Llama loop"}
@@ -134,18 +155,23 @@ def report(curves: dict[str, list[dict]], precision: str, machine: str) -> tuple
     for peer in names[1:]:
         theirs = curves[peer]
         target = max(ours[-1]["val_loss"], theirs[-1]["val_loss"])
-        ours_s, peer_s = seconds_to(ours, target), seconds_to(theirs, target)
+        (ours_s, ours_wall), (peer_s, peer_wall) = seconds_to(ours, target), seconds_to(theirs, target)
         met = ours[-1]["val_loss"] <= theirs[-1]["val_loss"]
         lines += [
             "",
-            f"vs {NAMES[peer]}: time to val loss {target:.4f} (the higher final loss): ours {ours_s:.1f} s, "
-            f"{peer} {peer_s:.1f} s ({peer_s / ours_s:.2f}x ours). Quality bar (ours final <= {peer} final): "
-            f"{ours[-1]['val_loss']:.4f} vs {theirs[-1]['val_loss']:.4f}: {'met' if met else 'NOT met'}.",
+            f"vs {NAMES[peer]}: time to val loss {target:.4f} (the higher final loss), as steps x median "
+            f"step time: ours {ours_s:.1f} s ({steps_to(ours, target):.0f} steps x {ours[-1]['median_step_s']:.3f} s), "
+            f"{peer} {peer_s:.1f} s ({steps_to(theirs, target):.0f} x {theirs[-1]['median_step_s']:.3f} s): "
+            f"{peer_s / ours_s:.2f}x ours; raw training clock: ours {ours_wall:.1f} s, {peer} {peer_wall:.1f} s.",
+            f"Quality bar (ours final <= {peer} final): {ours[-1]['val_loss']:.4f} vs "
+            f"{theirs[-1]['val_loss']:.4f}: {'met' if met else 'NOT met'}.",
         ]
         summary["peers"][peer] = {
             "target_loss": target,
             "ours_seconds_to_target": ours_s,
             "peer_seconds_to_target": peer_s,
+            "ours_clock_to_target": ours_wall,
+            "peer_clock_to_target": peer_wall,
             "quality_bar_met": met,
         }
     return "\n".join(lines), summary
@@ -156,7 +182,7 @@ def orchestrate(argv: list[str] | None = None) -> int:
     from llm_lightning.training.cli import default_precision
 
     sys.path.insert(0, str(REPO / "scripts"))
-    from bench_compare import machine_description
+    from bench_compare import machine_description, wait_for_quiet
 
     out = Path(args.out).resolve() / "quality"
     out.mkdir(parents=True, exist_ok=True)
@@ -164,9 +190,11 @@ def orchestrate(argv: list[str] | None = None) -> int:
     data = prepare(Path(args.corpus), out)
     started = time.time()
     print(f"training ours (llm-lightning fit), {args.steps} steps, {precision} ...", flush=True)
+    wait_for_quiet(0.2, 120)
     curves = {"ours": train_ours(args, data, out, precision)}
     for peer in args.peers.split(","):
         print(f"  {time.time() - started:.0f}s; training {NAMES[peer]} ...", flush=True)
+        wait_for_quiet(0.2, 120)
         curves[peer] = train_peer(args, peer, data, out, precision)
     table, summary = report(curves, precision, machine_description())
     (out.parent / "quality.json").write_text(json.dumps(summary, indent=2))
@@ -229,7 +257,7 @@ def peer_main(argv: list[str]) -> int:
         model.train()
         return total / count
 
-    curve, step, train_seconds, epoch = [], 0, 0.0, 0
+    curve, step, train_seconds, epoch, step_times = [], 0, 0.0, 0, []
     while step < args.steps:
         sampler.set_epoch(epoch)
         batches = iter(loader)
@@ -247,9 +275,12 @@ def peer_main(argv: list[str]) -> int:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            train_seconds += time.perf_counter() - start
+            step_times.append(time.perf_counter() - start)
+            train_seconds += step_times[-1]
             if step % args.eval_interval == 0:
-                curve.append({"step": step, "train_seconds": train_seconds, "val_loss": evaluate()})
+                median = statistics.median(step_times)
+                point = {"step": step, "train_seconds": train_seconds, "median_step_s": median}
+                curve.append({**point, "val_loss": evaluate()})
         epoch += 1
     Path(args.json).write_text(json.dumps(curve))
     return 0

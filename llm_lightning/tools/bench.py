@@ -271,7 +271,8 @@ class TrainClock(L.Callback):
 
     `starts`/`ends` are the wall times of every train batch's start and end. The clock adds
     up each batch and the wait before it, but not validation, which is not training: with a
-    `path`, every validation appends {"step", "train_seconds", "val_loss"} to that JSON-lines file.
+    `path`, every validation appends {"step", "train_seconds", "median_step_s", "val_loss"}
+    to that JSON-lines file.
     Usable from the CLI: `--trainer.callbacks+=llm_lightning.tools.bench.TrainClock`.
     """
 
@@ -300,9 +301,11 @@ class TrainClock(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not self.path or "val/loss" not in trainer.callback_metrics:
             return
+        steps = [end - start for start, end in zip(self.starts, self.ends, strict=False)]
         record = {
             "step": trainer.global_step,
             "train_seconds": self.train_seconds,
+            "median_step_s": statistics.median(steps),  # robust to moments of contention
             "val_loss": float(trainer.callback_metrics["val/loss"]),
         }
         with open(self.path, "a") as stream:

@@ -7,11 +7,13 @@
 #   bash scripts/bench.sh throughput      # only the side-by-side tokens/s
 #   bash scripts/bench.sh quality         # only time-to-loss / the quality bar
 #   bash scripts/bench.sh ablation        # only what each optimization is worth (our step, undone one at a time)
+#   bash scripts/bench.sh init            # our model under six weight initialisations (~25 min; not in `all`)
+#   BENCH_INIT_SEEDS="1 2"                # also repeat the quality part with these initial-weight seeds
 #   BENCH_QUICK=1 bash scripts/bench.sh   # a short version (1 round, fewer steps)
 #   BENCH_CORPUS=FILE                     # corpus for the quality part (default: tinyshakespeare)
 #   BENCH_BF16=1                          # time bf16-mixed even on a CPU without fast bf16
-#   BENCH_PEERS=litgpt,hf                 # peers trained for the quality part (default litgpt)
-#   BENCH_OURS_ARGS="--model.init_std 0.04"  # extra flags for our fit in the quality part
+#   BENCH_PEERS=litgpt                    # peers trained for the quality part (default litgpt,hf)
+#   BENCH_OURS_ARGS="--model.init_std 0.02"  # extra flags for our fit in the quality part
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,8 +70,22 @@ if [ "$PART" = all ] || [ "$PART" = quality ]; then
     echo "== time to loss / quality bar: llm-lightning fit vs litgpt plain loop =="
     if [ -f "$CORPUS" ]; then
         $PY scripts/bench_quality.py --peer_python "$PEER_VENV/bin/python" --corpus "$CORPUS" \
-            --out "$OUT" --peers "${BENCH_PEERS:-litgpt}" --ours_args "${BENCH_OURS_ARGS:-}" "${QUALITY_ARGS[@]}"
+            --out "$OUT" --peers "${BENCH_PEERS:-litgpt,hf}" --ours_args "${BENCH_OURS_ARGS:-}" "${QUALITY_ARGS[@]}"
+        for seed in ${BENCH_INIT_SEEDS:-}; do  # is the margin more than the luck of one draw?
+            echo "== quality bar again, initial weights from seed $seed =="
+            $PY scripts/bench_quality.py --peer_python "$PEER_VENV/bin/python" --corpus "$CORPUS" \
+                --out "$OUT/seed$seed" --peers "${BENCH_PEERS:-litgpt,hf}" --init_seed "$seed" "${QUALITY_ARGS[@]}"
+        done
     else
         echo "skipped: no corpus at $CORPUS (set BENCH_CORPUS=FILE to a text file such as tinyshakespeare.txt)"
+    fi
+fi
+
+if [ "$PART" = init ]; then
+    echo "== weight initialisation: our model, same tokens and schedule, six init schemes =="
+    if [ -f "$CORPUS" ]; then
+        PYTHONPATH=. $PY scripts/bench_init.py --corpus "$CORPUS" --out "$OUT" "${QUALITY_ARGS[@]}"
+    else
+        echo "skipped: no corpus at $CORPUS (set BENCH_CORPUS=FILE)"
     fi
 fi

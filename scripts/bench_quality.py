@@ -45,8 +45,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=int, default=24)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--precision", default=None, help="default: what `llm-lightning fit` picks here")
-    parser.add_argument("--peers", default="litgpt", help="comma-separated: litgpt, hf")
+    parser.add_argument("--peers", default="litgpt,hf", help="comma-separated: litgpt, hf")
     parser.add_argument("--ours_args", default="", help="extra `llm-lightning fit` flags, for experiments")
+    parser.add_argument(
+        "--init_seed", type=int, default=SEED, help="seed of the initial weights (the data order stays)"
+    )
     return parser.parse_args(argv)
 
 
@@ -92,7 +95,7 @@ def train_ours(args: argparse.Namespace, data: Path, out: Path, precision: str) 
         + ["--trainer.precision", precision, "--trainer.enable_progress_bar", "false"]
         + ["--checkpoint.dirpath", str(out / "ours" / "checkpoints")]
         + ["--checkpoint.every_n_train_steps", str(10 * args.steps)]
-        + ["--trainer.default_root_dir", str(out / "ours")]
+        + ["--trainer.default_root_dir", str(out / "ours"), "--seed_everything", str(args.init_seed)]
         + shlex.split(args.ours_args),
         cwd=out,
     )
@@ -105,7 +108,7 @@ def train_peer(args: argparse.Namespace, impl: str, data: Path, out: Path, preci
         [args.peer_python, __file__, "peer", "--impl", impl, "--data", str(data), "--json", str(curve)]
         + ["--steps", str(args.steps), "--eval_interval", str(args.eval_interval)]
         + ["--learning_rate", str(args.learning_rate), "--warmup_steps", str(args.warmup_steps)]
-        + ["--batch_size", str(args.batch_size), "--precision", precision]
+        + ["--batch_size", str(args.batch_size), "--precision", precision, "--init_seed", str(args.init_seed)]
     )
     return json.loads(curve.read_text())
 
@@ -197,6 +200,8 @@ def orchestrate(argv: list[str] | None = None) -> int:
         wait_for_quiet(0.2, 120)
         curves[peer] = train_peer(args, peer, data, out, precision)
     table, summary = report(curves, precision, machine_description())
+    if args.init_seed != SEED:
+        table = f"Initial weights from seed {args.init_seed} (data order: seed {SEED})\n\n" + table
     (out.parent / "quality.json").write_text(json.dumps(summary, indent=2))
     (out.parent / "quality.md").write_text(table + "\n")
     print()
@@ -204,51 +209,39 @@ def orchestrate(argv: list[str] | None = None) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- the peer side (.venv-bench)
-def peer_main(argv: list[str]) -> int:
+# ----------------------------------------------------------------------------- the plain loop (peers, bench_init.py)
+def train_curve(model, loss_fn, logits_fn, data: Path, args) -> list[dict]:
+    """Train `model` in a plain PyTorch loop on our batches; val loss every `eval_interval` steps.
+
+    loss_fn(model, inputs, targets) -> mean loss; logits_fn(model, inputs) -> logits.
+    The batches, their order, the optimizer and the schedule are those of our `fit`.
+    """
     import torch
 
     from llm_lightning.data.windows import ScoredWindows, ShuffledShardSampler, TokenWindows
-    from llm_lightning.model import ModelConfig
     from llm_lightning.tools.bench import autocast
     from llm_lightning.training.optim import warmup_cosine
 
     sys.path.insert(0, str(REPO / "scripts"))
-    from bench_peers import build_peer, loss_function, peer_optimizer
+    from bench_peers import peer_optimizer
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--impl", choices=["litgpt", "hf"], required=True)
-    for name, kind in [("data", str), ("json", str), ("steps", int), ("eval_interval", int)]:
-        parser.add_argument(f"--{name}", type=kind, required=True)
-    for name, kind in [("learning_rate", float), ("warmup_steps", int), ("batch_size", int)]:
-        parser.add_argument(f"--{name}", type=kind, required=True)
-    parser.add_argument("--precision", required=True)
-    args = parser.parse_args(argv)
-
-    data = Path(args.data)
     meta = json.loads((data / "metadata.json").read_text())
     files = [data / "dataset" / f"{split}.bin" for split in ("train", "val")]
     train = TokenWindows(files[0], meta["dtype"], meta["max_length"], meta["stride"])
     val = ScoredWindows(files[1], meta["dtype"], meta["max_length"], meta["stride"])
     sampler = ShuffledShardSampler(len(train), SEED)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, sampler=sampler, drop_last=True)
-
-    torch.manual_seed(SEED)
     device = torch.device("cpu")
-    config = ModelConfig.from_preset("tiny", vocab_size=meta["vocab_size"], max_seq_len=meta["max_length"])
-    model = build_peer(args.impl, config, device)  # each library's own initialisation
     optimizer = peer_optimizer(model, args.learning_rate, device)
     schedule = partial(warmup_cosine, warmup_steps=args.warmup_steps, max_steps=args.steps, min_ratio=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    loss_fn = loss_function(args.impl)
 
     def evaluate() -> float:
         model.eval()
         total = count = 0.0
         with torch.no_grad(), autocast(device, args.precision):
             for inputs, targets, scored in torch.utils.data.DataLoader(val, batch_size=args.batch_size):
-                logits = model(inputs) if args.impl == "litgpt" else model(input_ids=inputs).logits
-                logits = logits.float()
+                logits = logits_fn(model, inputs).float()
                 losses = torch.nn.functional.cross_entropy(
                     logits.flatten(0, 1), targets.flatten(), reduction="none"
                 )
@@ -282,6 +275,41 @@ def peer_main(argv: list[str]) -> int:
                 point = {"step": step, "train_seconds": train_seconds, "median_step_s": median}
                 curve.append({**point, "val_loss": evaluate()})
         epoch += 1
+    return curve
+
+
+def peer_main(argv: list[str]) -> int:
+    """The peer side, run in the benchmark environment (.venv-bench)."""
+    import torch
+
+    from llm_lightning.model import ModelConfig
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_peers import build_peer, loss_function
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--impl", choices=["litgpt", "hf"], required=True)
+    for name, kind in [("data", str), ("json", str), ("steps", int), ("eval_interval", int)]:
+        parser.add_argument(f"--{name}", type=kind, required=True)
+    for name, kind in [("learning_rate", float), ("warmup_steps", int), ("batch_size", int)]:
+        parser.add_argument(f"--{name}", type=kind, required=True)
+    parser.add_argument("--precision", required=True)
+    parser.add_argument("--init_seed", type=int, default=SEED)
+    args = parser.parse_args(argv)
+
+    data = Path(args.data)
+    meta = json.loads((data / "metadata.json").read_text())
+    torch.manual_seed(args.init_seed)
+    config = ModelConfig.from_preset("tiny", vocab_size=meta["vocab_size"], max_seq_len=meta["max_length"])
+    model = build_peer(args.impl, config, torch.device("cpu"))  # each library's own initialisation
+    litgpt = args.impl == "litgpt"
+    curve = train_curve(
+        model,
+        loss_function(args.impl),
+        lambda model, inputs: model(inputs) if litgpt else model(input_ids=inputs).logits,
+        data,
+        args,
+    )
     Path(args.json).write_text(json.dumps(curve))
     return 0
 

@@ -126,3 +126,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict |
         timeout=timeout,
         env=full_env,
     )
+
+
+def randomized(model):
+    """`model` with every weight random, norm gains included.
+
+    A fresh Transformer starts with its residual projections at zero (every block is the
+    identity), so a test of attention, caching or weight mapping on it could not fail.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=generator) * 0.1
+            param.copy_(1.0 + noise if param.dim() == 1 else noise)
+    return model

@@ -12,7 +12,7 @@ from llm_lightning.errors import UserError
 from llm_lightning.model import ModelConfig, Transformer
 from llm_lightning.model.layers import apply_rotary, linear_cross_entropy
 from llm_lightning.tools import bench
-from tests.conftest import run_cli
+from tests.conftest import randomized, run_cli
 
 TINY = ["--hidden_size", "32", "--num_layers", "1", "--num_heads", "4", "--vocab_size", "64"]
 TINY += ["--seq_len", "16", "--micro_batch_size", "2", "--steps", "2", "--warmup", "1", "--device", "cpu"]
@@ -36,9 +36,21 @@ def test_bench_writes_valid_json(mode, tmp_path):
         assert result["data_wait_share"] is None
 
 
+def test_bench_profile_names_where_the_step_time_goes(capsys):
+    assert bench.main([*TINY, "--profile", "5"]) == 0
+    table = capsys.readouterr().out
+    assert "op (self time)" in table and "aten::" in table
+    result = bench.run(bench.parse_args([*TINY, "--profile", "50"]))
+    ops = {op["op"]: op for op in result["profile"]}
+    assert "aten::mm" in ops  # the matrix products are there, with a share of the step
+    assert all(0 < op["share"] <= 1 and op["calls"] > 0 for op in ops.values())
+    assert sum(op["share"] for op in ops.values()) <= 1 + 1e-6
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--profile", "5", "--mode", "fit"], "--profile"),
         (["--precision", "fp8"], "--precision fp8"),
         (["--mode", "train"], "--mode train"),
         (["--steps", "0"], "--steps 0"),
@@ -119,7 +131,7 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
     config = ModelConfig(
         vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32
     )
-    model = Transformer(config)
+    model = randomized(Transformer(config))
     ids = torch.randint(0, 97, (3, 17))
     inputs, targets = ids[:, :-1], ids[:, 1:]
     expected = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())

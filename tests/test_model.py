@@ -6,6 +6,7 @@ import torch
 from llm_lightning.errors import UserError
 from llm_lightning.model import PRESETS, ModelConfig, Transformer, flops_per_token, num_parameters
 from llm_lightning.model.layers import RotaryEmbedding, apply_rotary
+from tests.conftest import randomized
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -34,7 +35,7 @@ def test_tied_embeddings_share_one_matrix():
 
 
 def test_causal_changing_a_token_leaves_earlier_logits_unchanged():
-    model = Transformer(small_config()).eval()
+    model = randomized(Transformer(small_config())).eval()
     ids = torch.randint(0, 97, (2, 16))
     changed = ids.clone()
     changed[:, 9] = (changed[:, 9] + 1) % 97
@@ -46,7 +47,7 @@ def test_causal_changing_a_token_leaves_earlier_logits_unchanged():
 def test_gqa_with_all_kv_heads_equals_multi_head_attention():
     """num_kv_heads == num_heads must be plain MHA: compare with an explicit softmax attention."""
     config = small_config(num_kv_heads=4, num_layers=1)
-    model = Transformer(config).eval()
+    model = randomized(Transformer(config)).eval()
     attn = model.layers[0].attn
     x = torch.randn(2, 10, 64)
     cos, sin = model.rotary(0, 10)
@@ -61,8 +62,8 @@ def test_gqa_with_all_kv_heads_equals_multi_head_attention():
 
 def test_gqa_shares_each_kv_head_across_its_query_group():
     """A GQA model equals an MHA model whose k/v weights repeat each kv head for its group."""
-    gqa = Transformer(small_config(num_kv_heads=2)).eval()
-    mha = Transformer(small_config(num_kv_heads=4)).eval()
+    gqa = randomized(Transformer(small_config(num_kv_heads=2))).eval()
+    mha = randomized(Transformer(small_config(num_kv_heads=4))).eval()
     state = gqa.state_dict()
     for i in range(2):
         w = state[f"layers.{i}.attn.qkv_proj.weight"]
@@ -89,7 +90,7 @@ def test_rope_dot_products_depend_only_on_relative_position():
 
 
 def test_kv_cache_decoding_matches_full_forward():
-    model = Transformer(small_config()).eval()
+    model = randomized(Transformer(small_config())).eval()
     ids = torch.randint(0, 97, (2, 20))
     full = model(ids)
     cache = model.new_cache(batch_size=2, max_len=20)
@@ -100,7 +101,7 @@ def test_kv_cache_decoding_matches_full_forward():
 
 
 def test_bf16_autocast_forward_and_backward_on_cpu():
-    model = Transformer(small_config())
+    model = randomized(Transformer(small_config()))
     ids = torch.randint(0, 97, (2, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(ids)
@@ -109,12 +110,18 @@ def test_bf16_autocast_forward_and_backward_on_cpu():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_residual_projections_get_smaller_init():
-    model = Transformer(ModelConfig(vocab_size=100, hidden_size=256, num_layers=8, num_heads=4))
-    o_std = model.layers[0].attn.o_proj.weight.std().item()
-    qkv_std = model.layers[0].attn.qkv_proj.weight.std().item()
-    assert o_std == pytest.approx(0.02 / 4, rel=0.1)
-    assert qkv_std == pytest.approx(0.02, rel=0.1)
+def test_init_scales_with_width_and_blocks_start_as_the_identity():
+    config = ModelConfig(vocab_size=100, hidden_size=256, num_layers=8, num_heads=4)
+    assert config.init_std == pytest.approx((2 / (5 * 256)) ** 0.5)
+    assert ModelConfig(vocab_size=100, hidden_size=256, num_heads=4, init_std=0.02).init_std == 0.02
+    model = Transformer(config)
+    for block in model.layers:
+        assert not block.attn.o_proj.weight.any() and not block.mlp.down_proj.weight.any()
+        assert block.attn.qkv_proj.weight.std().item() == pytest.approx(config.init_std, rel=0.05)
+    assert model.embed_tokens.weight.std().item() == pytest.approx(config.init_std, rel=0.05)
+    x = torch.randn(2, 5, 256)
+    cos, sin = model.rotary(0, 5)
+    torch.testing.assert_close(model.layers[0](x, cos, sin), x)  # identity until trained
 
 
 SEED_TABLE = {"tiny": 20e6, "small": 125e6, "medium": 350e6, "large": 800e6, "xl": 1.5e9}
@@ -163,7 +170,7 @@ def test_logits_match_hugging_face_llama():
     from llm_lightning.model.hf import to_hf_llama
 
     config = small_config(tie_embeddings=False)
-    model = Transformer(config).eval()
+    model = randomized(Transformer(config)).eval()
     hf = to_hf_llama(model).eval()
     ids = torch.randint(0, 97, (2, 24))
     with torch.no_grad():

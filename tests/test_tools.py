@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, synthetic_documents
+from conftest import TINY_FIT, randomized, run_cli, synthetic_documents
 
 from llm_lightning.checkpoint import load_checkpoint, load_model, load_tokenizer
 from llm_lightning.errors import UserError
@@ -22,16 +22,7 @@ from llm_lightning.tools.generate import TextStream, generate, resolve_device, s
 
 MAX_STEPS = 20
 PROMPT = "The cat sees"
-MODEL_FLAGS = [
-    "--model.preset",
-    "tiny",
-    "--model.hidden_size",
-    "64",
-    "--model.num_layers",
-    "2",
-    "--model.num_heads",
-    "4",
-]  # the model TINY_FIT trains
+MODEL_FLAGS = TINY_FIT[: TINY_FIT.index("--model.warmup_steps")]  # the model's shape flags
 
 
 @pytest.fixture(scope="module")
@@ -215,17 +206,16 @@ def fake_checkpoint(path: Path, kind: str, tie_embeddings: bool) -> tuple[Path, 
         tie_embeddings=tie_embeddings,
     )
     torch.manual_seed(0)
-    model = Transformer(
-        ModelConfig(
-            vocab_size=tokenizer.vocab_size,
-            max_seq_len=16,
-            hidden_size=32,
-            num_layers=1,
-            num_heads=4,
-            num_kv_heads=2,
-            tie_embeddings=tie_embeddings,
-        )
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        max_seq_len=16,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        tie_embeddings=tie_embeddings,
     )
+    model = randomized(Transformer(config))
     state = {f"model.{name}": value for name, value in model.state_dict().items()}
     torch.save(
         {

@@ -82,8 +82,12 @@ def test_prepare_fit_validate_resume(prepared_dir, tmp_path):
     val_at_20 = records(ckpts, "val")[-1]["val/loss"]
     assert f"{val_at_20:.4f}"[:5] in validated.stdout  # the same number the fit reported
 
-    resumed = fit(prepared_dir, ckpts, "--ckpt_path", "last", steps=30)
+    resumed = fit(
+        prepared_dir, ckpts, "--ckpt_path", "last", "--trainer.enable_progress_bar", "true", steps=30
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    bar = resumed.stdout.replace("\r", "\n")  # one bar in optimizer steps, from the resumed step
+    assert "train:  67%" in bar and "20/30" in bar and "30/30" in bar and "step/s" in bar
     starts = records(ckpts, "start")
     assert [s["step"] for s in starts] == [0, 20]
     assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == 30

@@ -36,7 +36,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    init_std: float = 0.02
+    init_std: float | None = None  # None: sqrt(2 / (5 x hidden_size)), the "small init"
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -44,9 +44,13 @@ class ModelConfig:
             self.num_kv_heads = self.num_heads
         if self.intermediate_size is None:
             self.intermediate_size = _round_up(8 * self.hidden_size // 3, self.multiple_of)
+        self._check_sizes()
+        if self.init_std is None:
+            # Nguyen & Salazar's small init (GPT-NeoX's too): the spread shrinks with the width.
+            self.init_std = math.sqrt(2 / (5 * self.hidden_size))
         self._check()
 
-    def _check(self) -> None:
+    def _check_sizes(self) -> None:
         for name in (
             "vocab_size",
             "hidden_size",
@@ -60,6 +64,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"model {name}={value!r}: must be a positive integer")
+
+    def _check(self) -> None:
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise UserError(f"model {name}={getattr(self, name)!r}: must be positive")

@@ -8,15 +8,17 @@ Notable:
 - a KV cache for incremental decoding (`new_cache`, then `forward(ids, cache=cache)`);
 - `forward(ids, targets=...)` returns the loss, computed chunk by chunk so the full
   (tokens x vocab) logits and their gradient are never held at once;
-- GPT-2 / Llama style init, with the residual output projections scaled by 1/sqrt(2 x layers)
-  so the residual stream's variance does not grow with depth.
+- init: normal(0, init_std) everywhere (by default sqrt(2 / (5 x hidden)), scaled to the width)
+  except the projections that write into the residual stream (attention o_proj, MLP
+  down_proj), which start at zero, so every block starts as the identity and the stream's
+  variance does not grow with depth. On tinyshakespeare this reaches a lower loss in the same
+  steps than GPT-2's 0.02 with 1/sqrt(2 x layers) scaled projections, or litgpt's init
+  (README, Performance).
 Weights map one to one onto Hugging Face's LlamaForCausalLM (q/k/v and gate/up are fused
 here and split on export).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -60,15 +62,13 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.num_layers)
         for name, param in self.named_parameters():
             if param.dim() == 1:  # norm weights
                 nn.init.ones_(param)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(param, mean=0.0, std=residual_std)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):  # writes into the residual stream
+                nn.init.zeros_(param)
             else:
-                nn.init.normal_(param, mean=0.0, std=std)
+                nn.init.normal_(param, mean=0.0, std=self.config.init_std)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         weight = self.embed_tokens.weight

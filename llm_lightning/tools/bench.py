@@ -69,6 +69,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="loop mode: also list the N ops that take the most time",
+    )
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -88,6 +95,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--threads {args.threads}: must be at least 1")
     if args.num_workers is not None and args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers}: must be 0 or more")
+    if args.profile and args.mode != "loop":
+        raise UserError("--profile works with --mode loop (the step without Lightning around it)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -214,8 +223,8 @@ def random_batches(count: int, batch: int, seq_len: int, vocab: int, device, see
 
 
 # ----------------------------------------------------------------------------- loop mode
-def run_loop(args: argparse.Namespace, config: ModelConfig, device: torch.device) -> list[float]:
-    """Step times of our Transformer + optimizer in a plain loop (what `fit` does, minus Lightning)."""
+def make_loop_step(args: argparse.Namespace, config: ModelConfig, device: torch.device) -> Callable[[], None]:
+    """One optimizer step of our Transformer per call, in a plain loop (what `fit` does, minus Lightning)."""
     from functools import partial
 
     from llm_lightning.training.optim import build_optimizer, warmup_cosine
@@ -243,7 +252,32 @@ def run_loop(args: argparse.Namespace, config: ModelConfig, device: torch.device
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
-    return time_steps(step, args.steps, args.warmup, device)
+    return step
+
+
+def profile_step(step: Callable[[], None], device: torch.device, top: int, steps: int = 2) -> list[dict]:
+    """The `top` operators by self time over `steps` more steps: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    on_device = device.type == "cuda"
+    events = [e for e in profiler.key_averages() if e.key and not e.key.startswith("ProfilerStep")]
+    self_us = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
+    total = sum(self_us(e) for e in events) or 1.0
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    return [
+        {
+            "op": e.key,
+            "self_ms_per_step": self_us(e) / 1e3 / steps,
+            "share": self_us(e) / total,
+            "calls": e.count,
+        }
+        for e in ranked
+    ]
 
 
 # ----------------------------------------------------------------------------- fit mode
@@ -402,7 +436,12 @@ def format_table(result: dict) -> str:
     if result.get("data_wait_share") is not None:
         rows.append(("data wait", f"{result['data_wait_share']:.2%} of step time"))
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    if result.get("profile"):
+        lines += ["", f"{'share':>6}  {'ms/step':>9}  {'calls':>6}  op (self time)"]
+        for op in result["profile"]:
+            lines.append(f"{op['share']:6.1%}  {op['self_ms_per_step']:9.2f}  {op['calls']:6d}  {op['op']}")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -412,8 +451,11 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     config = model_config(args)
     reset_peak_memory(device)
+    profile = None
     if args.mode == "loop":
-        step_times, data_wait = run_loop(args, config, device), None
+        step = make_loop_step(args, config, device)
+        step_times, data_wait = time_steps(step, args.steps, args.warmup, device), None
+        profile = profile_step(step, device, args.profile) if args.profile else None
     else:
         step_times, data_wait = run_fit(args, config, device)
     tokens = args.micro_batch_size * args.seq_len
@@ -431,6 +473,7 @@ def run(args: argparse.Namespace) -> dict:
         steps=args.steps,
         warmup=args.warmup,
         data_wait_share=data_wait,
+        profile=profile,
     )
     return result
 

@@ -87,21 +87,12 @@ def generate_tokens(
             logits = _last_logits(model, ids, cache)
 
 
-def generate(
-    model,
-    ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-    use_cache: bool = True,
-    eos_id: int | None = None,
-) -> torch.Tensor:
-    """The prompt ids (batch, seq) followed by up to `max_new_tokens` generated ids."""
-    new = list(
-        generate_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, generator, use_cache, eos_id)
-    )
+def generate(model, ids: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+    """The prompt ids (batch, seq) followed by up to `max_new_tokens` generated ids.
+
+    `sampling` takes `generate_tokens`' keywords (temperature, top_k, top_p, generator, ...).
+    """
+    new = list(generate_tokens(model, ids, max_new_tokens, **sampling))
     return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
 
 

@@ -1,4 +1,5 @@
-"""Callbacks: the run log a person watches, and the guard against non-finite losses."""
+"""Callbacks: the run log and progress bar a person watches, step-aligned checkpoints,
+SLURM requeue, and the guard against non-finite losses."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from llm_lightning.errors import UserError
@@ -229,3 +230,36 @@ def last_checkpoint(trainer: L.Trainer) -> str | None:
     checkpoint = trainer.checkpoint_callback
     path = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
     return path or None
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar for the whole run, counting optimizer steps towards `max_steps`.
+
+    Lightning's bar counts micro-batches and restarts every epoch, which says little when a
+    run is defined by optimizer steps: this one shows step N/max_steps, the loss, tokens/s
+    and tqdm's ETA, and starts at the resumed step after `--ckpt_path last`.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        bar = self.train_progress_bar = self.init_train_tqdm()
+        bar.desc, bar.unit = "train", "step"
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = bar.n = trainer.global_step  # a resumed run's rate and ETA count from here
+        bar.refresh()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        pass  # one bar across epochs
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is None or bar.disable or step == bar.n:
+            return  # mid-accumulation: no optimizer step yet
+        if step % self.refresh_rate == 0 or step == trainer.max_steps:
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def get_metrics(self, trainer: L.Trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        metrics["epoch"] = trainer.current_epoch
+        return metrics

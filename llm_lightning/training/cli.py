@@ -13,14 +13,20 @@ import os
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from llm_lightning.checkpoint import load_checkpoint
 from llm_lightning.data.datamodule import TextDataModule, accumulation_steps
 from llm_lightning.errors import UserError
-from llm_lightning.training.callbacks import NonFiniteGuard, RunLog, SlurmRequeue, StepCheckpoint
+from llm_lightning.training.callbacks import (
+    NonFiniteGuard,
+    RunLog,
+    SlurmRequeue,
+    StepCheckpoint,
+    StepProgressBar,
+)
 from llm_lightning.training.checkpoint_io import AtomicCheckpointIO
 from llm_lightning.training.module import SHAPE_KEYS, LanguageModel
 
@@ -104,13 +110,17 @@ class LLMCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "checkpoint")
+        trainer_config = self._get(self.config_init, "trainer", default={})
         # Passing `callbacks` replaces the config's list: keep --trainer.callbacks in it.
-        from_config = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-        kwargs["callbacks"] = [
-            *from_config,
+        callbacks = [
+            *(trainer_config.get("callbacks") or []),
             *kwargs.get("callbacks", []),
             BestCheckpoint(str(config.dirpath)),
         ]
+        wants_bar = trainer_config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(StepProgressBar())
+        kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
         # Set here rather than as a `plugins` default: a plugin instance cannot be saved in config.yaml.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:

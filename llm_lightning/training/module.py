@@ -83,7 +83,8 @@ class LanguageModel(L.LightningModule):
             rope_theta: RoPE base.
             tie_embeddings: share the input embedding with the LM head.
             dropout: dropout on attention and residual branches (default 0).
-            init_std: standard deviation of the weight init.
+            init_std: standard deviation of the weight init (default sqrt(2 / (5 x hidden)));
+                the residual output projections start at zero.
             learning_rate: peak AdamW learning rate.
             warmup_steps: optimizer steps of linear warmup.
             max_steps: length of the cosine decay; defaults to the trainer's max_steps.

@@ -27,12 +27,12 @@ test-all: install
 	$(BIN)/python -m pytest -q -m ""
 
 lint: install
-	$(BIN)/ruff check llm_lightning tests
-	$(BIN)/ruff format --check llm_lightning tests
+	$(BIN)/ruff check llm_lightning tests scripts
+	$(BIN)/ruff format --check llm_lightning tests scripts
 
 format: install
-	$(BIN)/ruff check --fix llm_lightning tests
-	$(BIN)/ruff format llm_lightning tests
+	$(BIN)/ruff check --fix llm_lightning tests scripts
+	$(BIN)/ruff format llm_lightning tests scripts
 
 demo: install
 	$(BIN)/python -m llm_lightning.tools.demo

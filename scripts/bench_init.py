@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import SEED, prepare, train_curve  # noqa: E402
+from bench_quality import SEED, add_run_args, prepare, train_curve  # noqa: E402
 
 from llm_lightning.model import ModelConfig, Transformer  # noqa: E402
 
@@ -57,13 +57,7 @@ def schemes(config: ModelConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True)
-    parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--steps", type=int, default=240)
-    parser.add_argument("--eval_interval", type=int, default=40)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--warmup_steps", type=int, default=24)
-    parser.add_argument("--batch_size", type=int, default=8)
+    add_run_args(parser)
     parser.add_argument("--precision", default="32-true")
     args = parser.parse_args(argv)
 

@@ -140,19 +140,24 @@ def peer_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> t
     return torch.optim.AdamW(parameter_groups(model, 0.1), lr=lr, betas=(0.9, 0.95), fused=fused)
 
 
+def train_step(model, optimizer, scheduler, loss_fn, inputs, targets, device, precision) -> None:
+    """One optimizer step on one batch: loss, backward, clip at 1.0, AdamW, schedule."""
+    with autocast(device, precision):
+        loss = loss_fn(model, inputs, targets)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
 def make_step(model, optimizer, scheduler, loss_fn, batches, device, precision):
     """One optimizer step per call, cycling through `batches`."""
     position = iter(range(10**9))
 
     def step() -> None:
         inputs, targets = batches[next(position) % len(batches)]
-        with autocast(device, precision):
-            loss = loss_fn(model, inputs, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        train_step(model, optimizer, scheduler, loss_fn, inputs, targets, device, precision)
 
     return step
 

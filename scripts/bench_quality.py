@@ -34,9 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 SEED = 1337  # the CLI's seed_everything default and TextDataModule's shuffling seed
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peer_python", required=True)
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The corpus, output folder and training run every quality comparison shares (bench_init.py too)."""
     parser.add_argument("--corpus", required=True, help="a text file, e.g. tinyshakespeare.txt")
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--steps", type=int, default=240)
@@ -44,6 +43,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--warmup_steps", type=int, default=24)
     parser.add_argument("--batch_size", type=int, default=8)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peer_python", required=True)
+    add_run_args(parser)
     parser.add_argument("--precision", default=None, help="default: what `llm-lightning fit` picks here")
     parser.add_argument("--peers", default="litgpt,hf", help="comma-separated: litgpt, hf")
     parser.add_argument("--ours_args", default="", help="extra `llm-lightning fit` flags, for experiments")
@@ -223,7 +228,7 @@ def train_curve(model, loss_fn, logits_fn, data: Path, args) -> list[dict]:
     from llm_lightning.training.optim import warmup_cosine
 
     sys.path.insert(0, str(REPO / "scripts"))
-    from bench_peers import peer_optimizer
+    from bench_peers import peer_optimizer, train_step
 
     meta = json.loads((data / "metadata.json").read_text())
     files = [data / "dataset" / f"{split}.bin" for split in ("train", "val")]
@@ -259,14 +264,7 @@ def train_curve(model, loss_fn, logits_fn, data: Path, args) -> list[dict]:
             batch = next(batches, None)
             if batch is None:
                 break
-            inputs, targets = batch
-            with autocast(device, args.precision):
-                loss = loss_fn(model, inputs, targets)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            train_step(model, optimizer, scheduler, loss_fn, *batch, device, args.precision)
             step += 1
             step_times.append(time.perf_counter() - start)
             train_seconds += step_times[-1]

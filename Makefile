@@ -27,12 +27,12 @@ test-all: install
 	$(BIN)/python -m pytest -q -m ""
 
 lint: install
-	$(BIN)/ruff check llm_lightning tests scripts
-	$(BIN)/ruff format --check llm_lightning tests scripts
+	$(BIN)/ruff check llm_lightning tests scripts benchmarks
+	$(BIN)/ruff format --check llm_lightning tests scripts benchmarks
 
 format: install
-	$(BIN)/ruff check --fix llm_lightning tests scripts
-	$(BIN)/ruff format llm_lightning tests scripts
+	$(BIN)/ruff check --fix llm_lightning tests scripts benchmarks
+	$(BIN)/ruff format llm_lightning tests scripts benchmarks
 
 demo: install
 	$(BIN)/python -m llm_lightning.tools.demo

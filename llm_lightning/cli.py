@@ -32,7 +32,7 @@ Training (LightningCLI: YAML configs with --config, any Trainer/model/data flag)
   fit         train a model, or resume one with --ckpt_path last
   validate    exact per-token validation loss of a checkpoint
   test        the same on the test split (the validation split)
-  predict     greedy next-token predictions
+  predict     per-window loss and greedy accuracy on the validation split, to a file
 
 Data and tools:
   prepare        raw text folder -> tokenizer + token files (the seed's data_prep_tool.py)
@@ -68,12 +68,16 @@ def main(args: list[str] | None = None) -> None:
             fail(str(error))
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from llm_lightning.training.callbacks import Interrupted
     from llm_lightning.training.cli import run_lightning_cli
 
     try:
         run_lightning_cli(args)  # None: LightningCLI reads sys.argv itself
     except UserError as error:
         fail(str(error))
+    except Interrupted as stop:  # SIGTERM / SIGINT: the state is saved; say where
+        print(f"llm-lightning: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     except MisconfigurationException as error:  # Lightning's word on accelerator/devices/strategy
         fail(f"--trainer.accelerator/devices/strategy do not fit this machine: {one_line(str(error))}")
     except argparse.ArgumentError as error:  # jsonargparse's, raised by the LightningCLI parsers

@@ -7,8 +7,17 @@ line on stderr and exit code 2; nothing else is ever shown as a traceback to the
 
 from __future__ import annotations
 
+import argparse
+
 
 class UserError(Exception):
     """A bad flag, file, folder or checkpoint: printed as one line, exit code 2."""
 
     exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the tool commands: a bad flag is a UserError (one line, exit 2), not a usage block."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see `{self.prog} --help`)")

@@ -47,7 +47,7 @@ fi
 # bf16 matrix products are emulated (tens of times slower than fp32) on CPUs without
 # avx512_bf16 or AMX: timing bf16-mixed there would take an hour and say nothing useful.
 PRECISIONS="32-true,bf16-mixed"
-if ! $PY -c "import sys, torch; from llm_lightning.training.cli import cpu_has_fast_bf16; \
+if ! $PY -c "import sys, torch; from llm_lightning.training.throughput import cpu_has_fast_bf16; \
 sys.exit(0 if torch.cuda.is_available() or cpu_has_fast_bf16() else 1)" && [ -z "${BENCH_BF16:-}" ]; then
     echo "note: this CPU has no avx512_bf16/AMX, so bf16-mixed is skipped (BENCH_BF16=1 forces it)"
     PRECISIONS="32-true"
@@ -57,23 +57,23 @@ echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; load: $(
 
 if [ "$PART" = all ] || [ "$PART" = throughput ]; then
     echo "== throughput: ours (fit, loop) vs litgpt vs Hugging Face, $PRECISIONS =="
-    $PY scripts/bench_compare.py --peer_python "$PEER_VENV/bin/python" --out "$OUT" \
+    $PY -m benchmarks.compare --peer_python "$PEER_VENV/bin/python" --out "$OUT" \
         --precisions "$PRECISIONS" "${THROUGHPUT_ARGS[@]}"
 fi
 
 if [ "$PART" = all ] || [ "$PART" = ablation ]; then
     echo "== ablation: our step with one optimization undone at a time =="
-    PYTHONPATH=. $PY scripts/bench_ablation.py "${ABLATION_ARGS[@]}" --json "$OUT/ablation.json" | tee "$OUT/ablation.txt"
+    $PY -m benchmarks.ablation "${ABLATION_ARGS[@]}" --json "$OUT/ablation.json" | tee "$OUT/ablation.txt"
 fi
 
 if [ "$PART" = all ] || [ "$PART" = quality ]; then
     echo "== time to loss / quality bar: llm-lightning fit vs litgpt plain loop =="
     if [ -f "$CORPUS" ]; then
-        $PY scripts/bench_quality.py --peer_python "$PEER_VENV/bin/python" --corpus "$CORPUS" \
+        $PY -m benchmarks.quality --peer_python "$PEER_VENV/bin/python" --corpus "$CORPUS" \
             --out "$OUT" --peers "${BENCH_PEERS:-litgpt,hf}" --ours_args "${BENCH_OURS_ARGS:-}" "${QUALITY_ARGS[@]}"
         for seed in ${BENCH_INIT_SEEDS:-}; do  # is the margin more than the luck of one draw?
             echo "== quality bar again, initial weights from seed $seed =="
-            $PY scripts/bench_quality.py --peer_python "$PEER_VENV/bin/python" --corpus "$CORPUS" \
+            $PY -m benchmarks.quality --peer_python "$PEER_VENV/bin/python" --corpus "$CORPUS" \
                 --out "$OUT/seed$seed" --peers "${BENCH_PEERS:-litgpt,hf}" --init_seed "$seed" "${QUALITY_ARGS[@]}"
         done
     else
@@ -84,7 +84,7 @@ fi
 if [ "$PART" = init ]; then
     echo "== weight initialisation: our model, same tokens and schedule, six init schemes =="
     if [ -f "$CORPUS" ]; then
-        PYTHONPATH=. $PY scripts/bench_init.py --corpus "$CORPUS" --out "$OUT" "${QUALITY_ARGS[@]}"
+        $PY -m benchmarks.init --corpus "$CORPUS" --out "$OUT" "${QUALITY_ARGS[@]}"
     else
         echo "skipped: no corpus at $CORPUS (set BENCH_CORPUS=FILE)"
     fi

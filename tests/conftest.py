@@ -7,9 +7,11 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,7 +119,8 @@ def run_dir(prepared_dir, tmp_path_factory) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
     """Run `python -m llm_lightning ARGS` in a subprocess, as a user would."""
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    # The repository on the path: tests add their probes (tests/probes.py) as callbacks.
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "llm_lightning", *map(str, args)],
         cwd=cwd,
@@ -126,6 +129,42 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict |
         timeout=timeout,
         env=full_env,
     )
+
+
+def run_in_terminal(*args: str, cwd: Path | None = None, timeout: int = 300) -> tuple[int, str]:
+    """Run `python -m llm_lightning ARGS` with stdout on a pseudo-terminal, as in a user's shell:
+    (exit code, everything written to the terminal)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    # A real terminal has a size; tqdm draws nothing on one of 0 columns.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llm_lightning", *map(str, args)],
+        cwd=cwd,
+        stdout=follower,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(follower)
+    output, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the process has exited
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif process.poll() is not None:
+            break
+    os.close(leader)
+    return process.wait(timeout=30), output.decode(errors="replace")
 
 
 def randomized(model):
@@ -142,3 +181,57 @@ def randomized(model):
             noise = torch.randn(param.shape, generator=generator) * 0.1
             param.copy_(1.0 + noise if param.dim() == 1 else noise)
     return model
+
+
+@pytest.fixture(scope="session")
+def trained(run_dir):
+    """The shared run's final model and its tokenizer, loaded as generate and export load them."""
+    from llm_lightning.io.checkpoint import load_checkpoint, load_model, load_tokenizer
+
+    checkpoint = load_checkpoint(run_dir / "last.ckpt")
+    return load_model(checkpoint), load_tokenizer(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def exported(run_dir, tmp_path_factory) -> Path:
+    """The shared run's last.ckpt exported through the CLI."""
+    output = tmp_path_factory.mktemp("export") / "hf_model"
+    result = run_cli("export", "--ckpt_path", run_dir / "last.ckpt", "--output_dir", output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+# ------------------------------------------------------------------ helpers shared by the fit tests
+def fit_flags(
+    data_dir: Path, ckpt_dir: Path, *extra, steps: int = 20, batch: int = 8, micro: int = 4
+) -> list:
+    """A tiny fit's flags: checkpoints and validation every 10 steps, logs beside the checkpoints."""
+    return [
+        *TINY_FIT, "--data.data_dir", data_dir, "--data.batch_size", batch, "--data.micro_batch_size", micro,
+        "--trainer.max_steps", steps, "--checkpoint.dirpath", ckpt_dir, "--checkpoint.every_n_train_steps", 10,
+        "--eval_interval", 10, "--trainer.default_root_dir", ckpt_dir.parent / "logs", *extra,
+    ]  # fmt: skip
+
+
+def fit(data_dir: Path, ckpt_dir: Path, *extra: str, steps: int = 20, batch: int = 8, micro: int = 4):
+    """`llm-lightning fit` of the tiny model in a subprocess, run from beside the checkpoint folder."""
+    flags = fit_flags(data_dir, ckpt_dir, *extra, steps=steps, batch=batch, micro=micro)
+    return run_cli("fit", *flags, cwd=ckpt_dir.parent)
+
+
+def records(ckpt_dir: Path, event: str) -> list[dict]:
+    lines = (ckpt_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from llm_lightning.io.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)["state_dict"]
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0.0 if atol == 0 else 1e-5, msg=key)

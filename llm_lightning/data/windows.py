@@ -1,4 +1,4 @@
-"""Windows over a flat token file, and the sampler that makes training resumable.
+"""Windows over a flat token file: training pairs, and validation windows that score each token once.
 
 Contract: window i covers tokens [start_i, start_i + max_length + 1) with start_i = i * stride,
 and the last window is aligned to the end of the file so no token is left out. Inputs are
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 
 def window_starts(num_tokens: int, max_length: int, stride: int) -> np.ndarray:
@@ -91,65 +91,3 @@ class ScoredWindows(TokenWindows):
         already_scored_until = int(self.starts[index - 1]) + self.max_length + 1
         target_positions = torch.arange(start + 1, start + self.max_length + 1)
         return target_positions >= already_scored_until
-
-
-class ShuffledShardSampler(Sampler[int]):
-    """A seeded per-epoch permutation, dealt to ranks, that can resume mid-epoch.
-
-    The permutation is cut to a multiple of `global_batch` (sequences per optimizer step over
-    all ranks), dropping fewer than one global batch of windows per epoch: every rank gets the
-    same number of indices, so DDP ranks stay in step, and every optimizer step of the epoch
-    sees a full batch (a partial accumulation at the end of an epoch would be a smaller step).
-    `skip` is set on resume: that many of this rank's indices were consumed before the stop.
-    """
-
-    def __init__(
-        self, length: int, seed: int, rank: int = 0, world_size: int = 1, global_batch: int | None = None
-    ):
-        self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
-        self.global_batch = global_batch or world_size
-        self.epoch = 0
-        self.skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length // self.global_batch * self.global_batch // self.world_size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.length, generator=generator)
-        mine = order[: len(self) * self.world_size][self.rank :: self.world_size]
-        skip, self.skip = self.skip, 0
-        return iter(mine[skip:].tolist())
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose position survives a checkpoint.
-
-    Lightning stores `state_dict()` of a stateful train dataloader in the checkpoint and calls
-    `load_state_dict()` on resume. The position is counted in batches handed to the training
-    loop, not in indices drawn by the sampler: worker prefetching runs ahead of the loop.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.batches_yielded = 0
-        self.epoch = 0
-
-    def __iter__(self):
-        sampler: ShuffledShardSampler = self.sampler
-        resumed = sampler.skip // self.batch_size
-        self.epoch, self.batches_yielded = sampler.epoch, resumed
-        for batch in super().__iter__():
-            self.batches_yielded += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded}
-
-    def load_state_dict(self, state: dict) -> None:
-        sampler: ShuffledShardSampler = self.sampler
-        sampler.set_epoch(state["epoch"])
-        sampler.skip = state["batches_yielded"] * self.batch_size

@@ -1,8 +1,10 @@
 """Model configuration: one dataclass, the seed's size presets, and the counts derived from it.
 
-Derived fields (head_dim, the SwiGLU width, the key/value group size) are computed in
-`__post_init__`, so a config is always complete and checked. Parameter and FLOP counts
-live here, beside the shape they describe, so MFU and the README table use one formula.
+`ModelConfig` is the one list of the model's settings: the trainer's `--model.*` shape flags,
+checkpoints, export and bench all read its fields (the LightningModule derives its flags from
+them). Derived fields (the SwiGLU width, the init spread) are filled in `__post_init__`, so a
+config is always complete and checked. Parameter and FLOP counts live here, beside the shape
+they describe, so MFU and the README table use one formula.
 """
 
 from __future__ import annotations
@@ -22,21 +24,47 @@ PRESETS: dict[str, dict] = {
     "xl": dict(hidden_size=2048, num_layers=32, num_heads=32, num_kv_heads=8),
 }
 
+# Settings the training data decides (the trainer links them from the prepared folder).
+DATA_FIELDS = ("vocab_size", "max_seq_len")
+# Settings that shape training but not the function the weights compute (rotary tables
+# extend past max_seq_len; multiple_of only rounds intermediate_size, which is compared).
+_NOT_ARCHITECTURE = ("init_std", "dropout", "max_seq_len", "multiple_of")
+
 
 @dataclass
 class ModelConfig:
+    """The decoder's shape and initialisation.
+
+    Args:
+        vocab_size: embedding rows and LM-head outputs.
+        hidden_size: model width.
+        num_layers: transformer blocks.
+        num_heads: query heads.
+        num_kv_heads: key/value heads for grouped-query attention (default: num_heads, plain
+            multi-head attention).
+        intermediate_size: SwiGLU width (default: 8/3 x hidden_size, rounded up to multiple_of).
+        multiple_of: the SwiGLU width is rounded up to a multiple of this.
+        max_seq_len: context length (rotary tables grow past it when needed).
+        rope_theta: RoPE base.
+        norm_eps: RMSNorm epsilon.
+        tie_embeddings: share the input embedding with the LM head.
+        init_std: spread of the normal weight init (default sqrt(2 / (5 x hidden_size)), the
+            "small init"); the residual output projections start at zero.
+        dropout: dropout on the attention and residual branches.
+    """
+
     vocab_size: int = 32000
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
-    num_kv_heads: int | None = None  # None: one key/value head per query head (plain MHA)
-    intermediate_size: int | None = None  # None: 8/3 x hidden rounded up to `multiple_of`
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
     multiple_of: int = 256
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    init_std: float | None = None  # None: sqrt(2 / (5 x hidden_size)), the "small init"
+    init_std: float | None = None
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -51,19 +79,10 @@ class ModelConfig:
         self._check()
 
     def _check_sizes(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "intermediate_size",
-            "multiple_of",
-            "max_seq_len",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"model {name}={value!r}: must be a positive integer")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type.startswith("int") and (not isinstance(value, int) or value < 1):
+                raise UserError(f"model {f.name}={value!r}: must be a positive integer")
 
     def _check(self) -> None:
         for name in ("rope_theta", "norm_eps", "init_std"):
@@ -88,15 +107,20 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> ModelConfig:
-        """A preset from the seed's table; explicit overrides (not None) win."""
-        if name not in PRESETS:
+    def from_preset(cls, name: str | None, **overrides) -> ModelConfig:
+        """A preset from the seed's table (or the defaults for None); overrides that are not None win."""
+        if name is not None and name not in PRESETS:
             raise UserError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
-        values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+        values = {**PRESETS.get(name, {}), **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**values)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def architecture(self) -> dict:
+        """The fields that decide what the weights compute: two configs that differ only
+        elsewhere (init, dropout, context length, rounding rule) can share weights."""
+        return {k: v for k, v in asdict(self).items() if k not in _NOT_ARCHITECTURE}
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:

@@ -1,16 +1,27 @@
-"""Mapping between our Transformer and Hugging Face's Llama layout.
+"""Our Transformer in Hugging Face's Llama layout, and back.
 
-The architectures are the same; only names differ and we fuse q/k/v and gate/up into one
-projection each. `transformers` is imported only by `to_hf_llama` (tests, parity checks):
-export itself writes config.json and safetensors without it.
+The architectures are the same; only names differ, and we fuse q/k/v and gate/up into one
+projection each (layers.py: `fuse_qkv`, `fuse_gate_up`). This module owns the whole mapping:
+the config.json of an equivalent LlamaForCausalLM, the state dict both ways, and reading an
+exported folder's weights back (`load_hf_weights`, for continued pretraining). `transformers`
+is imported only by `to_hf_llama` (tests, benchmarks): export writes config.json and
+safetensors without it.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
+from llm_lightning.errors import UserError
 from llm_lightning.model.config import ModelConfig
+from llm_lightning.model.layers import fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
 from llm_lightning.model.transformer import Transformer
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
 
 
 def hf_config(config: ModelConfig, eos_id: int | None = None) -> dict:
@@ -60,14 +71,13 @@ def config_from_hf(values: dict) -> ModelConfig:
 
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     cfg = model.config
-    kv_dim = cfg.num_kv_heads * cfg.head_dim
     state = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.norm.weight}
     if not cfg.tie_embeddings:
         state["lm_head.weight"] = model.lm_head.weight
     for i, block in enumerate(model.layers):
         prefix = f"model.layers.{i}."
-        q, k, v = block.attn.qkv_proj.weight.split([cfg.hidden_size, kv_dim, kv_dim])
-        gate, up = block.mlp.gate_up_proj.weight.chunk(2)
+        q, k, v = split_qkv(block.attn.qkv_proj.weight, cfg)
+        gate, up = split_gate_up(block.mlp.gate_up_proj.weight)
         state.update(
             {
                 prefix + "input_layernorm.weight": block.attn_norm.weight,
@@ -93,15 +103,15 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
     ours["lm_head.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"])
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
-        attn = [state[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
+        q, k, v = (state[p + f"self_attn.{n}_proj.weight"] for n in "qkv")
         ours.update(
             {
                 f"layers.{i}.attn_norm.weight": state[p + "input_layernorm.weight"],
-                f"layers.{i}.attn.qkv_proj.weight": torch.cat(attn),
+                f"layers.{i}.attn.qkv_proj.weight": fuse_qkv(q, k, v, config),
                 f"layers.{i}.attn.o_proj.weight": state[p + "self_attn.o_proj.weight"],
                 f"layers.{i}.mlp_norm.weight": state[p + "post_attention_layernorm.weight"],
-                f"layers.{i}.mlp.gate_up_proj.weight": torch.cat(
-                    [state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]
+                f"layers.{i}.mlp.gate_up_proj.weight": fuse_gate_up(
+                    state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]
                 ),
                 f"layers.{i}.mlp.down_proj.weight": state[p + "mlp.down_proj.weight"],
             }
@@ -116,3 +126,42 @@ def to_hf_llama(model: Transformer):
     hf = LlamaForCausalLM(LlamaConfig(**hf_config(model.config)))
     hf.load_state_dict(to_hf_state_dict(model), strict=not model.config.tie_embeddings)
     return hf
+
+
+def load_hf_weights(model: Transformer, folder: str | Path, flag: str = "--model.init_from") -> None:
+    """Copy the weights of an exported Llama folder into `model` (continued pretraining).
+
+    The folder's config.json must describe the same architecture as `model.config`; the
+    context length may differ (rotary embeddings extend).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise UserError(
+            f"{flag} {folder}: needs {CONFIG_FILE} and {WEIGHTS_FILE} (a folder written by `llm-lightning export`)"
+        )
+    try:
+        theirs = config_from_hf(json.loads((folder / CONFIG_FILE).read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, UserError) as error:
+        raise UserError(f"{flag} {folder}/{CONFIG_FILE}: not a Llama config ({error})") from None
+    ours = model.config
+    have, want = theirs.architecture(), ours.architecture()
+    differ = [name for name in want if have[name] != want[name]]
+    if differ:
+        raise UserError(
+            f"{flag} {folder}: the exported model has {', '.join(f'{n}={have[n]}' for n in differ)} but this "
+            f"run's model has {', '.join(f'{n}={want[n]}' for n in differ)}; pass the same model sizes "
+            "(and data prepared with the same tokenizer)"
+        )
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{flag} {folder}/{WEIGHTS_FILE}: unreadable ({error})") from None
+    try:
+        model.load_state_dict(from_hf_state_dict(state, ours))
+    except KeyError as error:
+        raise UserError(f"{flag} {folder}/{WEIGHTS_FILE}: missing tensor {error}") from None
+    except RuntimeError as error:
+        raise UserError(f"{flag} {folder}/{WEIGHTS_FILE}: {str(error).splitlines()[-1].strip()}") from None

@@ -105,7 +105,13 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention; q, k and v come from one fused projection."""
+    """Causal grouped-query self-attention; q, k and v come from one fused projection.
+
+    The fused weight is laid out by key/value group: for each group, the rows of its query
+    heads, then its key head, then its value head (`fuse_qkv`). Splitting the rows evenly (as
+    tensor parallelism does) then hands every part whole groups, and forward reads head counts
+    from the tensors, not the config, so it runs unchanged on such a part.
+    """
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -114,17 +120,16 @@ class Attention(nn.Module):
         kv_dim = config.num_kv_heads * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, config.hidden_size + 2 * kv_dim, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.rotary = apply_rotary  # an attribute, so a benchmark can time another implementation
 
     def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
         cfg = self.config
         batch, seq, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(
-            [cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim], dim=-1
-        )
-        q = q.view(batch, seq, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        groups = self.qkv_proj(x).view(batch, seq, -1, cfg.kv_groups + 2, cfg.head_dim)
+        q = groups[:, :, :, : cfg.kv_groups].flatten(2, 3).transpose(1, 2)  # (batch, heads, seq, dim)
+        k = groups[:, :, :, -2].transpose(1, 2)
+        v = groups[:, :, :, -1].transpose(1, 2)
+        q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
 
         past = 0
         if cache is not None:
@@ -139,7 +144,23 @@ class Attention(nn.Module):
             dropout_p=cfg.dropout if self.training else 0.0,
             enable_gqa=cfg.kv_groups > 1,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, cfg.hidden_size))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """The fused qkv_proj weight from plain (Llama-layout) q, k and v weights: grouped by kv head."""
+    d, hidden = config.head_dim, q.shape[-1]
+    q = q.reshape(config.num_kv_heads, config.kv_groups, d, hidden)
+    k = k.reshape(config.num_kv_heads, 1, d, hidden)
+    v = v.reshape(config.num_kv_heads, 1, d, hidden)
+    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+
+
+def split_qkv(weight: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain q, k and v weights (Llama layout) from a fused qkv_proj weight; `fuse_qkv` undone."""
+    groups = weight.reshape(config.num_kv_heads, config.kv_groups + 2, config.head_dim, weight.shape[-1])
+    q = groups[:, : config.kv_groups].reshape(-1, weight.shape[-1])
+    return q, groups[:, -2].reshape(-1, weight.shape[-1]), groups[:, -1].reshape(-1, weight.shape[-1])
 
 
 def _causal_mask(past: int, seq: int, device) -> torch.Tensor:
@@ -150,7 +171,11 @@ def _causal_mask(past: int, seq: int, device) -> torch.Tensor:
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); gate and up share one fused projection."""
+    """down(silu(gate(x)) * up(x)); gate and up share one fused projection.
+
+    The fused rows alternate gate and up (`fuse_gate_up`), so an even split of the rows gives
+    every part matching halves of gate and up.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -158,117 +183,15 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate, up = self.gate_up_proj(x).unflatten(-1, (-1, 2)).unbind(-1)
         return self.down_proj(F.silu(gate) * up)
 
 
-# ----------------------------------------------------------------------------- loss
-# fp32 logits computed at a time. On a CPU, 8 MiB stays in cache (256 rows at vocab 8192,
-# measured best of 128-1024), where a tiny-preset batch's 64 MiB and their gradient would not,
-# and would page-fault fresh memory every step. A GPU has no such cache to fit; there the
-# chunks only bound memory and are made large enough to keep the matrix products efficient.
-LOSS_CHUNK_BYTES = {"cpu": 8 * 2**20}
-LOSS_CHUNK_BYTES_DEFAULT = 512 * 2**20
+def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The fused gate_up_proj weight from plain gate and up weights: rows interleaved."""
+    return torch.stack([gate, up], dim=1).flatten(0, 1)
 
 
-def loss_chunk_rows(device: torch.device, vocab_size: int) -> int:
-    budget = LOSS_CHUNK_BYTES.get(device.type, LOSS_CHUNK_BYTES_DEFAULT)
-    return max(1, budget // (4 * vocab_size))
-
-
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    reduction: str = "mean",
-    chunk_rows: int | None = None,
-) -> torch.Tensor:
-    """Cross entropy of `hidden @ weight.T` against `targets`, never holding all the logits.
-
-    hidden (N, H), weight (V, H), targets (N,) -> the mean loss, or the N per-row losses with
-    reduction="none", in fp32. The logits are computed `chunk_rows` rows at a time (default:
-    `loss_chunk_rows`), in the autocast dtype when autocast is on (as `lm_head` would), and
-    reduced in fp32. When gradients are needed for the mean, each chunk's gradients are
-    computed right away (the logits are in cache then) and the backward pass only scales them.
-    """
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction={reduction!r}: choose mean or none")
-    chunk_rows = chunk_rows or loss_chunk_rows(hidden.device, weight.shape[0])
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if not needs_grad:
-        with torch.no_grad():
-            losses = _chunked_losses(hidden, weight, targets, chunk_rows)
-        return losses.mean() if reduction == "mean" else losses
-    if reduction == "mean":
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
-    # Per-row losses with gradients (no caller in the project needs them): the plain way.
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
-
-
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """The dtype a matrix product of `tensor` runs in here: the autocast dtype if autocast is on."""
-    device = tensor.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
-
-
-def _chunked_losses(hidden, weight, targets, chunk_rows: int) -> torch.Tensor:
-    dtype = _compute_dtype(hidden)
-    with torch.autocast(hidden.device.type, enabled=False):
-        w = weight.to(dtype)
-        losses = []
-        for start in range(0, hidden.shape[0], chunk_rows):
-            logits = (hidden[start : start + chunk_rows].to(dtype) @ w.t()).float()
-            target = targets[start : start + chunk_rows, None]
-            losses.append(torch.logsumexp(logits, dim=-1) - logits.gather(1, target).squeeze(1))
-    return torch.cat(losses)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross entropy with gradients computed chunk by chunk in the forward pass.
-
-    d(mean loss)/d(logits) = (softmax(logits) - onehot(target)) / N, so each chunk's logits
-    turn into their gradient in place, which then gives that chunk's share of the hidden-state
-    and weight gradients. Matrix products run in the autocast dtype, softmax in fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int):
-        dtype, rows = _compute_dtype(hidden), hidden.shape[0]
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-            grad_weight = None
-            if ctx.needs_input_grad[1]:
-                grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            for start in range(0, rows, chunk_rows):
-                h = hidden[start : start + chunk_rows].to(dtype)
-                target = targets[start : start + chunk_rows, None]
-                logits = (h @ w.t()).float()
-                target_logits = logits.gather(1, target)
-                peak = logits.amax(dim=-1, keepdim=True)
-                grad = logits.sub_(peak).exp_()  # softmax x its normaliser, in place of the logits
-                normaliser = grad.sum(dim=-1, keepdim=True)
-                total += (peak + normaliser.log() - target_logits).sum()  # logsumexp - target logit
-                grad.div_(normaliser * rows)
-                grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype).div_(rows))
-                grad = grad.to(dtype)
-                if grad_hidden is not None:
-                    grad_hidden[start : start + chunk_rows] = grad @ w
-                if grad_weight is not None:
-                    if dtype == torch.float32:
-                        grad_weight.addmm_(grad.t(), h)
-                    else:
-                        grad_weight += (grad.t() @ h).float()
-        ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return total / rows
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+def split_gate_up(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain gate and up weights from a fused gate_up_proj weight; `fuse_gate_up` undone."""
+    return weight[0::2], weight[1::2]

@@ -15,7 +15,7 @@ Notable:
   steps than GPT-2's 0.02 with 1/sqrt(2 x layers) scaled projections, or litgpt's init
   (README, Performance).
 Weights map one to one onto Hugging Face's LlamaForCausalLM (q/k/v and gate/up are fused
-here and split on export).
+here, in layouts an even row split keeps whole heads of, and split apart on export: hf.py).
 """
 
 from __future__ import annotations
@@ -24,14 +24,8 @@ import torch
 from torch import nn
 
 from llm_lightning.model.config import ModelConfig
-from llm_lightning.model.layers import (
-    Attention,
-    KVCache,
-    RMSNorm,
-    RotaryEmbedding,
-    SwiGLU,
-    linear_cross_entropy,
-)
+from llm_lightning.model.layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from llm_lightning.model.loss import linear_cross_entropy
 
 
 class Block(nn.Module):

@@ -13,22 +13,17 @@ device's peak (a datasheet table for GPUs, a measured matrix-product peak for CP
 memory (CUDA: max allocated; CPU: the process's largest resident set) and, in fit mode, the
 share of step time spent outside the training step waiting for the next batch.
 
-The timing helpers here (`time_steps`, `summarize`, `autocast`) are shared with the
-benchmark scripts that time other libraries' models the same way (scripts/bench_*.py).
+The timing helpers (tools/timing.py) are shared with the benchmarks in benchmarks/, which
+time other libraries' models the same way.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import platform
-import resource
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,18 +32,27 @@ import lightning as L
 import numpy as np
 import torch
 
-from llm_lightning.errors import UserError
-from llm_lightning.model import PRESETS, ModelConfig, Transformer, flops_per_token
-from llm_lightning.training.throughput import device_peak_flops
+from llm_lightning.data.format import split_path, token_dtype, write_metadata
+from llm_lightning.data.tokenizers import train_tokenizer
+from llm_lightning.errors import ArgumentParser, UserError
+from llm_lightning.model import PRESETS, ModelConfig, Transformer, flops_per_token, num_parameters
+from llm_lightning.tools.device import resolve_device
+from llm_lightning.tools.timing import (
+    autocast,
+    profile_step,
+    random_batches,
+    reset_peak_memory,
+    summarize,
+    time_steps,
+)
+from llm_lightning.tools.train_clock import TrainClock
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
 # ----------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="llm-lightning bench", description="Time training steps on this device."
-    )
+    parser = ArgumentParser(prog="llm-lightning bench", description="Time training steps on this device.")
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default tiny)")
     parser.add_argument("--hidden_size", type=int, help="override the preset's width")
     parser.add_argument("--num_layers", type=int, help="override the preset's depth")
@@ -99,16 +103,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--profile works with --mode loop (the step without Lightning around it)")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: choose cpu, cuda or auto")
-    return torch.device(name)
-
-
 def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig.from_preset(
         args.preset,
@@ -119,107 +113,6 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         num_heads=args.num_heads,
         num_kv_heads=args.num_kv_heads,
     )
-
-
-# ----------------------------------------------------------------------------- shared timing helpers
-def autocast(device: torch.device, precision: str):
-    """The autocast context a `*-mixed` precision means (what Lightning's plugin enters)."""
-    if precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "16-mixed":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a step's wall time is the device's time."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> list[float]:
-    """Wall seconds of each of `steps` calls of `step`, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, what was measured): CUDA's max allocated, or the CPU process's max resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda max allocated"
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kib * 1024, "process max RSS"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_model_name()
-
-
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def summarize(
-    step_times: list[float],
-    tokens_per_step: int,
-    flops_per_tok: int,
-    device: torch.device,
-    precision: str,
-) -> dict:
-    """Throughput, FLOP/s and MFU from the timed steps (median step time: robust to noise)."""
-    median = statistics.median(step_times)
-    tokens_per_s = tokens_per_step / median
-    achieved = tokens_per_s * flops_per_tok
-    peak = device_peak_flops(device, precision)
-    memory, memory_kind = peak_memory(device)
-    return {
-        "device": device.type,
-        "device_name": device_name(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "precision": precision,
-        "tokens_per_step": tokens_per_step,
-        "step_time_s": {"median": median, "min": min(step_times), "max": max(step_times)},
-        "step_times_s": step_times,
-        "tokens_per_s": tokens_per_s,
-        "flops_per_token": flops_per_tok,
-        "achieved_tflops": achieved / 1e12,
-        "peak_tflops": peak / 1e12 if peak else None,
-        "mfu": achieved / peak if peak else None,
-        "peak_memory_bytes": memory,
-        "peak_memory_kind": memory_kind,
-    }
-
-
-def random_batches(count: int, batch: int, seq_len: int, vocab: int, device, seed: int) -> list:
-    """(inputs, targets) pairs of random ids: the arithmetic does not depend on the values."""
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(count):
-        ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=generator)
-        batches.append((ids[:, :-1].to(device), ids[:, 1:].to(device)))
-    return batches
 
 
 # ----------------------------------------------------------------------------- loop mode
@@ -255,95 +148,19 @@ def make_loop_step(args: argparse.Namespace, config: ModelConfig, device: torch.
     return step
 
 
-def profile_step(step: Callable[[], None], device: torch.device, top: int, steps: int = 2) -> list[dict]:
-    """The `top` operators by self time over `steps` more steps: where a step's time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        for _ in range(steps):
-            step()
-        synchronize(device)
-    on_device = device.type == "cuda"
-    events = [e for e in profiler.key_averages() if e.key and not e.key.startswith("ProfilerStep")]
-    self_us = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
-    total = sum(self_us(e) for e in events) or 1.0
-    ranked = sorted(events, key=self_us, reverse=True)[:top]
-    return [
-        {
-            "op": e.key,
-            "self_ms_per_step": self_us(e) / 1e3 / steps,
-            "share": self_us(e) / total,
-            "calls": e.count,
-        }
-        for e in ranked
-    ]
-
-
 # ----------------------------------------------------------------------------- fit mode
 def write_prepared_folder(folder: Path, vocab: int, seq_len: int, windows: int, seed: int) -> Path:
     """A prepared-data folder (metadata.json + dataset/*.bin) of random tokens, `windows` long."""
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    dtype = token_dtype(vocab)
     rng = np.random.default_rng(seed)
-    (folder / "dataset").mkdir(parents=True, exist_ok=True)
-    rng.integers(0, vocab, windows * seq_len + 1, dtype=dtype).tofile(folder / "dataset" / "train.bin")
-    rng.integers(0, vocab, 2 * seq_len + 1, dtype=dtype).tofile(folder / "dataset" / "val.bin")
-    metadata = {
-        "vocab_size": vocab,
-        "max_length": seq_len,
-        "stride": seq_len,
-        "dtype": np.dtype(dtype).name,
-        "eos_id": 0,
-        "note": "random tokens written by llm-lightning bench",
-    }
-    (folder / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    split_path(folder, "train").parent.mkdir(parents=True, exist_ok=True)
+    rng.integers(0, vocab, windows * seq_len + 1, dtype=dtype).tofile(split_path(folder, "train"))
+    rng.integers(0, vocab, 2 * seq_len + 1, dtype=dtype).tofile(split_path(folder, "val"))
+    train_tokenizer("bpe", iter(["random tokens for llm-lightning bench"]), 300).save(folder)
+    metadata = {"vocab_size": vocab, "max_length": seq_len, "stride": seq_len, "dtype": dtype.name, "eos_id": 0,
+                "note": "random tokens written by llm-lightning bench"}  # fmt: skip
+    write_metadata(folder, metadata)
     return folder
-
-
-class TrainClock(L.Callback):
-    """Times training batches and keeps a training-only clock for time-to-loss.
-
-    `starts`/`ends` are the wall times of every train batch's start and end. The clock adds
-    up each batch and the wait before it, but not validation, which is not training: with a
-    `path`, every validation appends {"step", "train_seconds", "median_step_s", "val_loss"}
-    to that JSON-lines file.
-    Usable from the CLI: `--trainer.callbacks+=llm_lightning.tools.bench.TrainClock`.
-    """
-
-    def __init__(self, path: str | None = None) -> None:
-        self.path = path
-        self.starts: list[float] = []
-        self.ends: list[float] = []
-        self.train_seconds = 0.0
-        self._after_validation = True  # no wait to count before the first batch
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self.ends and not self._after_validation:
-            self.train_seconds += now - self.ends[-1]
-        self._after_validation = False
-        self.starts.append(now)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        synchronize(pl_module.device)
-        self.ends.append(time.perf_counter())
-        self.train_seconds += self.ends[-1] - self.starts[-1]
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._after_validation = True
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not self.path or "val/loss" not in trainer.callback_metrics:
-            return
-        steps = [end - start for start, end in zip(self.starts, self.ends, strict=False)]
-        record = {
-            "step": trainer.global_step,
-            "train_seconds": self.train_seconds,
-            "median_step_s": statistics.median(steps),  # robust to moments of contention
-            "val_loss": float(trainer.callback_metrics["val/loss"]),
-        }
-        with open(self.path, "a") as stream:
-            stream.write(json.dumps(record) + "\n")
 
 
 def quiet_lightning() -> None:
@@ -460,8 +277,6 @@ def run(args: argparse.Namespace) -> dict:
         step_times, data_wait = run_fit(args, config, device)
     tokens = args.micro_batch_size * args.seq_len
     result = summarize(step_times, tokens, flops_per_token(config, args.seq_len), device, args.precision)
-    from llm_lightning.model import num_parameters
-
     result.update(
         mode=args.mode,
         compile=args.compile,

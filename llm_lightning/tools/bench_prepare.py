@@ -19,52 +19,43 @@ on a machine shared with other work, they still show what the pipeline costs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import multiprocessing
 import os
-import random
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from llm_lightning.data.sources import find_files, iter_pieces
-from llm_lightning.data.tokenizer import KINDS, train_tokenizer
-from llm_lightning.errors import UserError
-
-_COMMON = """the of and to a in is it you that he was for on are with as I his they be at one have this
-from or had by hot word but what some we can out other were all there when up use your how said an each she
-which do their time if will way about many then them write would like so these her long make thing see him two
-has look more day could go come did number sound no most people my over know water than call first who may down
-side been now find any new work part take get place made live where after back little only round man year came
-show every good me give our under name very through just form sentence great think say help low line differ turn
-cause much mean before move right boy old too same tell does set three want air well also play small end put home
-read hand port large spell add even land here must big high such follow act why ask men change went light kind
-off need house picture try us again animal point mother world near build self earth father head stand own page
-should country found answer school grow study still learn plant cover food sun four between state keep eye never
-last let thought city tree cross farm hard start might story saw far sea draw left late run don't while press
-close night real life few north 1998 2024 42 3.5 100 12"""
-COMMON_WORDS = _COMMON.split()
-
-# A run of `prepare` in a fresh process: prints one JSON line with its time and memory.
-# Peak memory is VmHWM from /proc (ru_maxrss would also count the parent's pages at fork time),
-# polled for the worker processes while they run.
-_PREPARE_RUN = """
-import contextlib, io, json, os, resource, sys, threading, time
 from llm_lightning.data.prepare import prepare
+from llm_lightning.data.prepare.encode import BATCH_CHARS
+from llm_lightning.data.sources import find_files, iter_pieces
+from llm_lightning.data.tokenizers import KINDS, HFTokenizer, load_tokenizer, train_tokenizer
+from llm_lightning.errors import ArgumentParser, UserError
+from llm_lightning.tools.synthetic_corpus import write_corpus
 
-def peak_mb(pid):
+# ---------------------------------------------------------------------------------------------
+# Measurements, each run in a fresh (spawned) process
+
+
+def peak_mb(pid: str | int) -> float:
+    """VmHWM of a process, from /proc (ru_maxrss would also count a parent's pages at fork time)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
     except (OSError, StopIteration):
         return 0.0
 
-def watch_workers(peaks, done):
+
+def _watch_children(peaks: dict, done: threading.Event) -> None:
     me = str(os.getpid())
     while not done.wait(0.2):
         for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -76,176 +67,78 @@ def watch_workers(peaks, done):
             if parent == me:
                 peaks[pid] = max(peaks.get(pid, 0.0), peak_mb(pid))
 
-a = json.loads(sys.argv[1])
-me = resource.getrusage(resource.RUSAGE_SELF)
-cpu_before = me.ru_utime + me.ru_stime  # imports are not part of the run
-peaks, done = {}, threading.Event()
-watcher = threading.Thread(target=watch_workers, args=(peaks, done), daemon=True)
-watcher.start()
-start = time.perf_counter()
-with contextlib.redirect_stdout(io.StringIO()):
-    out = prepare(a["input_dir"], a["output_dir"], tokenizer=a["tokenizer"], num_workers=a["workers"],
-                  overwrite=True, progress=False)
-seconds = time.perf_counter() - start
-done.set()
-watcher.join()
-meta = json.loads((out / "metadata.json").read_text())
-me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps({
-    "seconds": seconds,
-    "cpu_seconds": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime - cpu_before,
-    "cpu_main_seconds": me.ru_utime + me.ru_stime - cpu_before,
-    "tokens": sum(meta["num_tokens"].values()),
-    "documents": sum(meta["num_documents"].values()),
-    "peak_main_mb": peak_mb("self"),
-    "peak_worker_mb": max(peaks.values(), default=0.0),
-}))
-"""
 
-# The tokenizer alone on the same documents, already in memory, with N threads.
-_CEILING_RUN = """
-import json, os, sys, time
-a = json.loads(sys.argv[1])
-os.environ["TOKENIZERS_PARALLELISM"] = "true" if a["threads"] > 1 else "false"
-os.environ["RAYON_NUM_THREADS"] = str(a["threads"])
-from llm_lightning.data.sources import find_files, iter_pieces
-from llm_lightning.data.tokenizer import HFTokenizer, load_tokenizer
-from llm_lightning.data.prepare import BATCH_CHARS
-tok = load_tokenizer(a["tokenizer"])
-batches, batch, chars = [], [], 0
-for piece in iter_pieces(a["input_dir"], find_files(a["input_dir"]), block_chars=a["block_chars"]):
-    batch.append(piece.text)
-    chars += len(piece.text)
-    if chars >= BATCH_CHARS:
-        batches.append(batch)
-        batch, chars = [], 0
-batches.append(batch)
-start, cpu = time.perf_counter(), time.process_time()
-tokens = 0
-for batch in batches:
-    if isinstance(tok, HFTokenizer):
-        tokens += sum(len(e.ids) for e in tok.hf.encode_batch_fast(batch, add_special_tokens=False))
-    else:
-        tokens += sum(map(len, tok.encoding.encode_ordinary_batch(batch, num_threads=a["threads"])))
-print(json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "tokens": tokens}))
-"""
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
-# ---------------------------------------------------------------------------------------------
-# Corpus
-
-
-def synthetic_documents(rng: random.Random, vocabulary_seed: int) -> Callable[[], str]:
-    """A function making one English-like document: common words and a long tail of made-up ones.
-
-    The vocabulary depends only on `vocabulary_seed`, so corpora of different sizes (and
-    documents drawn by different `rng`s) share it, as parts of one language would.
-    """
-    vocab_rng = random.Random(vocabulary_seed)
-    syllables = [c + v for c in "bcdfghjklmnprstvwyz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "ee")]
-    made_up = {
-        "".join(vocab_rng.choice(syllables) for _ in range(vocab_rng.randint(1, 4))) for _ in range(30000)
-    }
-    words = COMMON_WORDS + sorted(made_up)
-    words += [w.capitalize() for w in vocab_rng.sample(words, len(words) // 10)]  # names
-    cumulative, total = [], 0.0
-    for rank in range(len(words)):
-        total += 1 / (rank + 10) ** 1.05  # Zipf-like frequencies
-        cumulative.append(total)
-
-    def sentence() -> str:
-        chosen = rng.choices(words, cum_weights=cumulative, k=rng.randint(4, 22))
-        chosen[0] = chosen[0].capitalize()
-        if len(chosen) > 9:
-            chosen[len(chosen) // 2] += ","
-        return " ".join(chosen) + rng.choice(".....?!")
-
-    def document() -> str:
-        paragraphs = (
-            " ".join(sentence() for _ in range(rng.randint(2, 9))) for _ in range(rng.randint(1, 8))
+def measure_prepare(input_dir: str, output_dir: str, tokenizer: str, workers: int) -> dict:
+    """One `prepare` run: time, CPU, tokens, peak memory of this process and of its workers."""
+    cpu_before = _cpu_seconds(resource.RUSAGE_SELF)  # imports are not part of the run
+    peaks, done = {}, threading.Event()
+    watcher = threading.Thread(target=_watch_children, args=(peaks, done), daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        out = prepare(
+            input_dir, output_dir, tokenizer=tokenizer, num_workers=workers, overwrite=True, progress=False
         )
-        return "\n\n".join(paragraphs) + "\n"
-
-    return document
-
-
-def source_documents(rng: random.Random, text: str) -> Callable[[], str]:
-    """A function making one document from `text`: a run of its lines, some with words shuffled."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise UserError("--source has no text; give a text file")
-
-    def document() -> str:
-        start = rng.randrange(len(lines))
-        run = lines[start : start + rng.randint(10, 120)]
-        out = []
-        for line in run:
-            if rng.random() < 0.3:
-                words = line.split()
-                rng.shuffle(words)
-                line = " ".join(words)
-            out.append(line)
-        return "\n".join(out) + "\n"
-
-    return document
+    seconds = time.perf_counter() - start
+    done.set()
+    watcher.join()
+    meta = json.loads((out / "metadata.json").read_text())
+    main = _cpu_seconds(resource.RUSAGE_SELF) - cpu_before
+    return {
+        "seconds": seconds,
+        "cpu_seconds": main + _cpu_seconds(resource.RUSAGE_CHILDREN),
+        "cpu_main_seconds": main,
+        "tokens": sum(meta["num_tokens"].values()),
+        "documents": sum(meta["num_documents"].values()),
+        "peak_main_mb": peak_mb("self"),
+        "peak_worker_mb": max(peaks.values(), default=0.0),
+    }
 
 
-def write_corpus(folder: Path, size_bytes: int, seed: int, source: Path | None = None, part: int = 0) -> None:
-    """About `size_bytes` of documents: most in 1 MB .jsonl files, the rest one per .txt/.md file.
-
-    `part` picks other documents of the same language (same `seed`).
-    """
-    rng = random.Random(f"{seed}-{part}")
-    if source:
-        make = source_documents(rng, source.read_text(encoding="utf-8"))
-    else:
-        make = synthetic_documents(rng, vocabulary_seed=seed)
-    written, lines, line_bytes, n = 0, [], 0, 0
-    while written < size_bytes:
-        doc = make()
-        size = len(doc.encode("utf-8"))
-        if rng.random() < 0.3:
-            ext = ".md" if n % 5 == 0 else ".txt"
-            path = folder / f"docs/{n % 7}/{n % 3}/doc{n:06d}{ext}"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(doc, encoding="utf-8")
+def measure_ceiling(input_dir: str, tokenizer: str, threads: int, block_chars: int) -> dict:
+    """The tokenizer alone on the same documents, already in memory, with `threads` threads."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the thread pool first starts
+    tok = load_tokenizer(tokenizer)
+    batches, batch, chars = [], [], 0
+    for piece in iter_pieces(input_dir, find_files(input_dir), block_chars=block_chars):
+        batch.append(piece.text)
+        chars += len(piece.text)
+        if chars >= BATCH_CHARS:
+            batches.append(batch)
+            batch, chars = [], 0
+    batches.append(batch)
+    start, cpu, tokens = time.perf_counter(), time.process_time(), 0
+    for batch in batches:
+        if isinstance(tok, HFTokenizer):
+            tokens += sum(len(e.ids) for e in tok.hf.encode_batch_fast(batch, add_special_tokens=False))
         else:
-            lines.append(json.dumps({"text": doc, "id": n}, ensure_ascii=False))
-            line_bytes += size
-            if line_bytes >= 1 << 20:
-                _write_jsonl(folder, lines)
-                lines, line_bytes = [], 0
-        written += size
-        n += 1
-    if lines:
-        _write_jsonl(folder, lines)
+            tokens += sum(map(len, tok.encoding.encode_ordinary_batch(batch, num_threads=threads)))
+    return {
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu,
+        "tokens": tokens,
+    }
 
 
-def _write_jsonl(folder: Path, lines: list[str]) -> None:
-    (folder / "jsonl").mkdir(parents=True, exist_ok=True)
-    index = len(list((folder / "jsonl").iterdir()))
-    (folder / "jsonl" / f"part{index:05d}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs
-
-
-def _run(code: str, args: dict, env: dict | None = None) -> dict:
-    """Run `code` in a fresh Python; also measure how busy other processes kept the CPUs meanwhile."""
-    busy, ours, started = _busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"benchmark run failed:\n{result.stderr}")
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
-    others = (_busy_cpu_seconds() - busy) - (_children_cpu_seconds() - ours)
+def _in_fresh_process(measure: Callable[..., dict], **kwargs) -> dict:
+    """Run `measure` in a new Python process; also measure how busy other processes kept the CPUs."""
+    busy, started = _busy_cpu_seconds(), time.perf_counter()
+    ours = _cpu_seconds(resource.RUSAGE_CHILDREN)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        measured = pool.submit(measure, **kwargs).result()
+    others = (_busy_cpu_seconds() - busy) - (_cpu_seconds(resource.RUSAGE_CHILDREN) - ours)
     measured["other_cpus"] = max(others, 0.0) / (time.perf_counter() - started)
     return measured
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounds
 
 
 def _busy_cpu_seconds() -> float:
@@ -257,11 +150,6 @@ def _busy_cpu_seconds() -> float:
         return 0.0
     idle = fields[3] + fields[4]  # idle, iowait
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _median(runs: list[dict]) -> dict:
@@ -326,12 +214,13 @@ def _one_round(args: argparse.Namespace, work: Path, corpora: dict[str, Path]) -
     """Each measurement once, back to back."""
     round_ = {f"prepare_{w}w": _prepare(work, corpora["base"], w) for w in args.workers}
     for threads in (1, 2):
-        ceiling = {
-            "input_dir": str(corpora["base"]),
-            "tokenizer": str(work / "tokenizer"),
-            "threads": threads,
-        }
-        round_[f"ceiling_{threads}t"] = _run(_CEILING_RUN, {**ceiling, "block_chars": 16 * 2049})
+        round_[f"ceiling_{threads}t"] = _in_fresh_process(
+            measure_ceiling,
+            input_dir=str(corpora["base"]),
+            tokenizer=str(work / "tokenizer"),
+            threads=threads,
+            block_chars=16 * 2049,
+        )
     round_["prepare_small"] = _prepare(work, corpora["small"], max(args.workers))
     return round_
 
@@ -346,13 +235,13 @@ def _capped(texts, limit: int):
 
 
 def _prepare(work: Path, corpus: Path, workers: int) -> dict:
-    args = {
-        "input_dir": str(corpus),
-        "output_dir": str(work / "out"),
-        "tokenizer": str(work / "tokenizer"),
-        "workers": workers,
-    }
-    return _run(_PREPARE_RUN, args)
+    return _in_fresh_process(
+        measure_prepare,
+        input_dir=str(corpus),
+        output_dir=str(work / "out"),
+        tokenizer=str(work / "tokenizer"),
+        workers=workers,
+    )
 
 
 def _log(message: str) -> None:
@@ -410,8 +299,8 @@ def report(result: dict, workers: list[int]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="llm-lightning bench-prepare",
         description="Benchmark `llm-lightning prepare` on a generated corpus: tokens/s with 1 and 2 workers, "
         "the tokenizer's own speed as the ceiling, peak memory, and a 10x smaller corpus for scaling.",

@@ -15,11 +15,9 @@ Everything lands in `demo_run/` (or --output_dir).
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -29,7 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from llm_lightning.errors import UserError
+from llm_lightning.errors import ArgumentParser, UserError
 
 MARKER = ".llm-lightning-demo"  # marks a folder the demo made, so a re-run may replace it
 SKIP_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
@@ -187,8 +185,7 @@ def run(*args) -> None:
     """Run `python -m llm_lightning ARGS` as a user would; stop the demo if it fails."""
     args = [str(arg) for arg in args]
     print(f"\n$ llm-lightning {shlex.join(args)}", flush=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # library deprecation chatter, not ours
-    result = subprocess.run([sys.executable, "-m", "llm_lightning", *args], env=env)
+    result = subprocess.run([sys.executable, "-m", "llm_lightning", *args])
     if result.returncode != 0:
         raise SystemExit(f"demo: `llm-lightning {args[0]}` failed (exit code {result.returncode})")
 
@@ -209,8 +206,8 @@ def banner(text: str) -> None:
     print(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m llm_lightning.tools.demo",
         description="End-to-end demo on this machine's own text: prepare, fit, validate, generate, "
         "export, monitor. No downloads.",
@@ -267,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
 
     banner("4/7  validate: the exact per-token loss of the whole validation split")
     run("validate", "--data.data_dir", data, "--data.micro_batch_size", 8, "--data.num_workers", 0,
-        "--ckpt_path", ckpts / "last.ckpt", "--checkpoint.dirpath", output / "validate",
-        "--trainer.default_root_dir", output, "--trainer.enable_progress_bar", "false")  # fmt: skip
+        "--ckpt_path", ckpts / "last.ckpt", "--trainer.default_root_dir", output,
+        "--trainer.enable_progress_bar", "false")  # fmt: skip
     t = lap("validate", t)
 
     banner("5/7  generate: a sample from the trained model (KV cache, top-k sampling)")

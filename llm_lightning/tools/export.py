@@ -1,4 +1,4 @@
-"""`llm-lightning export`: a checkpoint -> a Hugging Face Llama folder, and the way back.
+"""`llm-lightning export`: a checkpoint -> a Hugging Face Llama folder.
 
 The folder holds what `transformers.AutoModelForCausalLM.from_pretrained` and
 `transformers.AutoTokenizer.from_pretrained` read:
@@ -12,42 +12,37 @@ The folder holds what `transformers.AutoModelForCausalLM.from_pretrained` and
                           tiktoken, tokenizer.tiktoken) ride along, so the folder is also a
                           tokenizer folder for `llm-lightning prepare --tokenizer`.
 
-`transformers` is not needed to export. The folder is written under a temporary sibling name
-and renamed at the end, so an interrupted export never leaves a folder that looks complete.
-`load_hf_weights` reads such a folder back into our Transformer (`--model.init_from`).
+`transformers` is not needed to export. The folder is written beside its target and renamed
+at the end (io.atomic), so an interrupted export never leaves a folder that looks complete;
+`--overwrite` replaces only an earlier export, never a folder of other files.
+`model/hf.py:load_hf_weights` reads such a folder back (`--model.init_from`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from llm_lightning.errors import UserError
-from llm_lightning.model import Transformer
-from llm_lightning.model.hf import config_from_hf, from_hf_state_dict, hf_config, to_hf_state_dict
+from llm_lightning.data.tokenizers import EOS_TOKEN, TOKENIZER_FILES, UNK_TOKEN
+from llm_lightning.errors import ArgumentParser, UserError
+from llm_lightning.io.atomic import AtomicFolder
+from llm_lightning.io.checkpoint import DATAMODULE_KEY, load_checkpoint, load_model, load_tokenizer
+from llm_lightning.model.hf import CONFIG_FILE, WEIGHTS_FILE, hf_config, to_hf_state_dict
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-EOS_TOKEN = "<|endoftext|>"
-UNK_TOKEN = "[UNK]"
-# Shape fields that must agree between an exported folder and the model it initialises.
-SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "intermediate_size",
-    "tie_embeddings",
-    "rope_theta",
-)
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+EXPORT_FILES = {
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    GENERATION_CONFIG,
+    TOKENIZER_CONFIG,
+    SPECIAL_TOKENS_MAP,
+    *TOKENIZER_FILES,
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,8 +65,6 @@ def tokenizer_config(kind: str, max_length: int) -> tuple[dict, dict]:
 
 def export_files(checkpoint: dict, dtype: str = "float32") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Everything the folder holds: file name -> text, and the safetensors weights."""
-    from llm_lightning.checkpoint import DATAMODULE_KEY, load_model, load_tokenizer
-
     model = load_model(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     config = model.config
@@ -94,10 +87,10 @@ def export_files(checkpoint: dict, dtype: str = "float32") -> tuple[dict[str, st
     tok_config, special = tokenizer_config(tokenizer.kind, config.max_seq_len)
     texts.update(
         {
-            CONFIG: _json(model_config),
-            "generation_config.json": _json(generation),
-            "tokenizer_config.json": _json(tok_config),
-            "special_tokens_map.json": _json(special),
+            CONFIG_FILE: _json(model_config),
+            GENERATION_CONFIG: _json(generation),
+            TOKENIZER_CONFIG: _json(tok_config),
+            SPECIAL_TOKENS_MAP: _json(special),
         }
     )
     # Clones: q/k/v (and gate/up) are views into one fused weight, and safetensors refuses
@@ -110,104 +103,55 @@ def _json(data: dict) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-def write_folder(
-    output_dir: Path, texts: dict[str, str], weights: dict[str, torch.Tensor], overwrite: bool
-) -> None:
-    """Write into a temporary sibling folder, then rename it to output_dir (atomic)."""
+def write_folder(output_dir: Path, texts: dict[str, str], weights: dict[str, torch.Tensor]) -> None:
+    """Write the folder beside output_dir, then rename it into place (the old one goes only then)."""
     from safetensors.torch import save_file
 
-    _check_output(output_dir, overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        for name, text in texts.items():
-            (work / name).write_text(text, encoding="utf-8")
-        save_file(weights, str(work / WEIGHTS), metadata={"format": "pt"})
-        _make_readable(work)
-        if output_dir.exists():  # --overwrite: the old folder stays until the new one is complete
-            old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-            output_dir.rename(old)
-            work.rename(output_dir)
-            shutil.rmtree(old)
-        else:
-            work.rename(output_dir)
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
+        with AtomicFolder(output_dir) as folder:
+            for name, text in texts.items():
+                (folder.work / name).write_text(text, encoding="utf-8")
+            save_file(weights, str(folder.work / WEIGHTS_FILE), metadata={"format": "pt"})
+            folder.commit()
+    except OSError as error:  # unwritable, read-only, no such device
+        raise UserError(
+            f"--output_dir {output_dir}: cannot write there ({error.strerror}); choose another folder"
+        ) from None
 
 
-def _make_readable(folder: Path) -> None:
-    """Give the folder and its files the usual permissions (mkdtemp makes them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
-def _check_output(output_dir: Path, overwrite: bool) -> None:
+def check_output(output_dir: Path, overwrite: bool, ckpt_path: Path) -> None:
+    """Refuse to touch anything that is not an empty folder or, with --overwrite, an earlier export."""
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir}: exists and is not a folder")
-    if any(output_dir.iterdir()) and not overwrite:
+    present = {path.name for path in output_dir.iterdir()}
+    if not present:
+        return
+    if not overwrite:
         raise UserError(f"--output_dir {output_dir}: already exists; pass --overwrite to replace it")
+    foreign = sorted(present - EXPORT_FILES)
+    if foreign or CONFIG_FILE not in present or output_dir.resolve() == ckpt_path.resolve().parent:
+        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "") if foreign else "no config.json"
+        raise UserError(
+            f"--output_dir {output_dir}: not an earlier export ({shown}); --overwrite only replaces a folder "
+            "written by `llm-lightning export`; choose another folder"
+        )
 
 
 def export(
     ckpt_path: str | Path, output_dir: str | Path, overwrite: bool = False, dtype: str = "float32"
 ) -> Path:
     """Export a checkpoint to a Hugging Face Llama folder; returns the folder."""
-    from llm_lightning.checkpoint import load_checkpoint
-
-    output_dir = Path(output_dir)
-    _check_output(output_dir, overwrite)  # before the slow part: fail fast
+    output_dir, ckpt_path = Path(output_dir), Path(ckpt_path)
+    check_output(output_dir, overwrite, ckpt_path)  # before the slow part: fail fast
     texts, weights = export_files(load_checkpoint(ckpt_path), dtype)
-    write_folder(output_dir, texts, weights, overwrite)
+    write_folder(output_dir, texts, weights)
     return output_dir
 
 
-def load_hf_weights(model: Transformer, folder: str | Path, flag: str = "--model.init_from") -> None:
-    """Copy the weights of an exported Llama folder into `model` (continued pretraining).
-
-    The folder's config.json must describe the same shape as `model.config`; the context
-    length may differ (rotary embeddings extend).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise UserError(
-            f"{flag} {folder}: needs {CONFIG} and {WEIGHTS} (a folder written by `llm-lightning export`)"
-        )
-    try:
-        theirs = config_from_hf(json.loads((folder / CONFIG).read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError, UserError) as error:
-        raise UserError(f"{flag} {folder}/{CONFIG}: not a Llama config ({error})") from None
-    ours = model.config
-    differ = [name for name in SHAPE_FIELDS if getattr(theirs, name) != getattr(ours, name)]
-    if differ:
-        have = ", ".join(f"{n}={getattr(theirs, n)}" for n in differ)
-        want = ", ".join(f"{n}={getattr(ours, n)}" for n in differ)
-        raise UserError(
-            f"{flag} {folder}: the exported model has {have} but this run's model has {want}; "
-            "pass the same model sizes (and data prepared with the same tokenizer)"
-        )
-    try:
-        state = load_file(str(folder / WEIGHTS))
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"{flag} {folder}/{WEIGHTS}: unreadable ({error})") from None
-    try:
-        model.load_state_dict(from_hf_state_dict(state, ours))
-    except KeyError as error:
-        raise UserError(f"{flag} {folder}/{WEIGHTS}: missing tensor {error}") from None
-    except RuntimeError as error:
-        raise UserError(f"{flag} {folder}/{WEIGHTS}: {str(error).splitlines()[-1].strip()}") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="llm-lightning export",
         description="Write a checkpoint as a Hugging Face Llama folder (transformers loads it).",
     )

@@ -9,14 +9,15 @@ tokens at every step, which gives exactly what the no-cache path computes.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Iterator
 
 import torch
 
-from llm_lightning.errors import UserError
+from llm_lightning.errors import ArgumentParser, UserError
+from llm_lightning.io.checkpoint import load_checkpoint, load_model, load_tokenizer
+from llm_lightning.tools.device import pick_dtype, resolve_device
 
 
 def sample_next(
@@ -127,28 +128,6 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
-def resolve_device(name: str) -> torch.device:
-    """cpu, cuda, cuda:N, mps or auto (cuda when there is one); UserError for one not here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device name; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UserError(f"--device {name}: no CUDA device here; use --device cpu")
-        if (device.index or 0) >= count:
-            raise UserError(f"--device {name}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
-    elif device.type != "cpu":
-        raise UserError(f"--device {name}: unsupported; use cpu, cuda, cuda:N or auto")
-    return device
-
-
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
     if temperature < 0:
         raise UserError(f"--temperature {temperature}: must be >= 0 (0 = greedy)")
@@ -160,8 +139,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
         raise UserError(f"--max_new_tokens {max_new_tokens}: must be >= 0")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="llm-lightning generate",
         description="Generate text from a checkpoint (model and tokenizer both come from it).",
     )
@@ -184,27 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     device = resolve_device(args.device)
-
-    from llm_lightning.checkpoint import load_checkpoint, load_model, load_tokenizer
 
     checkpoint = load_checkpoint(args.ckpt_path)
     tokenizer = load_tokenizer(checkpoint)
     model = load_model(checkpoint).to(device=device, dtype=pick_dtype(args.dtype, device))
     del checkpoint
 
-    prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
+    # A prompt that encodes to nothing (empty, or only whitespace for wordpiece) starts from end-of-text.
+    prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
     if len(prompt_ids) > model.config.max_seq_len:
         print(
             f"note: the prompt has {len(prompt_ids)} tokens; the model sees the last {model.config.max_seq_len}",
@@ -229,12 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         generator,
         eos_id=tokenizer.eos_id,
     )
-    for token in tokens:
-        count += 1
-        if int(token) == tokenizer.eos_id:
-            break
-        sys.stdout.write(stream.add(int(token)))
-        sys.stdout.flush()
+    try:
+        for token in tokens:
+            count += 1
+            if int(token) == tokenizer.eos_id:
+                break
+            sys.stdout.write(stream.add(int(token)))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        raise UserError(f"generate: stopped by Ctrl-C after {count} tokens") from None
     seconds = time.perf_counter() - start
     sys.stdout.write("\n")
     print(

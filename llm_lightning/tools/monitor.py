@@ -8,18 +8,26 @@ earlier segment past the step the new one started from are dropped (they were re
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm_lightning.errors import UserError
+from llm_lightning.errors import ArgumentParser, UserError
+from llm_lightning.io.metrics import METRICS_FILE, read_records
 
-METRICS_FILE = "metrics.jsonl"  # the name RunLog writes
+# How long a run may go without writing before monitor calls it "not updating" (crashed or killed?).
+STALE_AFTER = 15 * 60
+ENDINGS = {
+    "finished": "finished (max_steps reached)",
+    "max_time": "stopped: --trainer.max_time reached",
+    "stopped": "stopped early (a callback asked to stop)",
+    "interrupted": "stopped by a signal (SIGTERM/SIGINT), state saved",
+    "nonfinite": "stopped: the loss became NaN/inf",
+    "error": "stopped by an error",
+}
 
 
 @dataclass
@@ -34,6 +42,7 @@ class RunState:
     earlier_elapsed: float = 0.0  # training seconds of the segments before the last one
     last_time: float | None = None
     last_elapsed: float = 0.0
+    end: dict | None = None  # the "end" record of the current segment, if the run ended
 
     @property
     def step(self) -> int:
@@ -48,21 +57,21 @@ class RunState:
 
     @property
     def finished(self) -> bool:
-        return bool(self.max_steps) and self.step >= self.max_steps
+        """The run ended, for whatever reason (a crash that wrote nothing cannot be told apart)."""
+        return self.end is not None or (bool(self.max_steps) and self.step >= self.max_steps)
 
-
-def read_records(path: Path) -> list[dict]:
-    """The log's records; a line being written right now (no newline, bad JSON) is skipped."""
-    records = []
-    with path.open() as stream:
-        for line in stream:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "step" in record:
-                records.append(record)
-    return records
+    def status(self, now: float) -> str:
+        if self.end is not None:
+            text = ENDINGS.get(self.end.get("reason"), f"ended ({self.end.get('reason')})")
+            message = self.end.get("message")
+            return f"{text} at step {self.end['step']}" + (
+                f": {message}" if message and "error" in text else ""
+            )
+        if self.finished:
+            return f"finished (max_steps reached) at step {self.step}"
+        if self.last_time is not None and now - self.last_time > STALE_AFTER:
+            return f"not updating for {_duration(now - self.last_time)} (crashed or killed?)"
+        return "running"
 
 
 def run_state(records: list[dict]) -> RunState:
@@ -73,6 +82,7 @@ def run_state(records: list[dict]) -> RunState:
             state.earlier_elapsed += state.last_elapsed
             state.last_elapsed = 0.0
             state.segment_start = record
+            state.end = None
             state.max_steps = record.get("max_steps") or state.max_steps
             state.tokens_per_step = record.get("tokens_per_step") or state.tokens_per_step
             # A resume from an earlier checkpoint redoes the steps after it.
@@ -82,6 +92,8 @@ def run_state(records: list[dict]) -> RunState:
             state.train.append(record)
         elif event == "val":
             state.val.append(record)
+        elif event == "end":
+            state.end = record
         if "elapsed" in record:
             state.last_elapsed = max(state.last_elapsed, float(record["elapsed"]))
         if "time" in record:
@@ -147,7 +159,7 @@ def render(folder: Path, state: RunState, now: float | None = None) -> str:
     per_step = seconds_per_step(state)
     eta = None
     if state.finished:
-        eta_text = "done"
+        eta_text = "-"
     else:
         eta = (max_steps - step) * per_step if max_steps and per_step else None
         eta_text = _duration(eta)
@@ -157,6 +169,7 @@ def render(folder: Path, state: RunState, now: float | None = None) -> str:
     ppl = last_val.get("val/ppl") or (math.exp(min(val_loss, 50.0)) if val_loss is not None else None)
     rows = [
         ("run", str(folder)),
+        ("status", state.status(now)),
         ("step", progress),
         ("train loss", _number(last_train.get("train/loss"), ".4f")),
         ("val loss", _number(val_loss, ".4f") + (f"  (step {last_val['step']})" if last_val else "")),
@@ -230,7 +243,7 @@ def show(folder: Path, plot_path: Path | None, clear: bool = False) -> RunState:
 
 
 def follow(folder: Path, plot_path: Path | None, interval: float) -> None:
-    """Refresh until the run reaches max_steps; waits for the run to start if needed."""
+    """Refresh until the run ends; waits for the run to start if needed."""
     clear = sys.stdout.isatty()
     if not (folder / METRICS_FILE).is_file():
         print(f"waiting for {folder / METRICS_FILE} (Ctrl-C to stop) ...", flush=True)
@@ -238,18 +251,18 @@ def follow(folder: Path, plot_path: Path | None, interval: float) -> None:
         time.sleep(interval)
     while True:
         state = show(folder, plot_path, clear)
-        if state.finished:
+        if state.status(time.time()) != "running":
             return
         time.sleep(interval)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="llm-lightning monitor",
         description="Show the latest state of a training run from its checkpoint folder.",
     )
     parser.add_argument("--checkpoint_dir", required=True, help="the fit's --checkpoint.dirpath")
-    parser.add_argument("--follow", action="store_true", help="refresh until max_steps (Ctrl-C to stop)")
+    parser.add_argument("--follow", action="store_true", help="refresh until the run ends (Ctrl-C to stop)")
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes (default 10)")
     parser.add_argument(
         "--plot", type=Path, default=None, help="also draw loss and learning rate to this PNG"

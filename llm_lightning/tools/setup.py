@@ -7,7 +7,6 @@ command also works as a smoke test in scripts and CI.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import platform
 import sys
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from llm_lightning.errors import ArgumentParser
 
 OK, INFO, FAIL = "ok", "--", "FAIL"
 REQUIRED = (
@@ -166,7 +167,7 @@ def _yes(flag: bool) -> str:
 def check_tokenizers(report: Report) -> None:
     """Train each tokenizer kind on a few lines and round-trip a sentence."""
     report.section("tokenizers")
-    from llm_lightning.data.tokenizer import KINDS, train_tokenizer
+    from llm_lightning.data.tokenizers import KINDS, train_tokenizer
 
     texts = ["The quick brown fox jumps over the lazy dog."] * 20
     for kind in KINDS:
@@ -225,8 +226,8 @@ def check_model(report: Report, devices: list[torch.device]) -> None:
                 report.line(FAIL, f"{device} {label}: {type(error).__name__}: {str(error).splitlines()[0]}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    return ArgumentParser(
         prog="llm-lightning setup",
         description="Check the installation: packages, devices, attention kernels, distributed "
         "backends, tokenizers, and a forward/backward pass on each device. Exit code 1 if anything is broken.",

@@ -2,42 +2,48 @@
 
 The data's vocabulary and sequence length are linked into the model; checkpoints go to
 `--checkpoint.dirpath` every `--checkpoint.every_n_train_steps` optimizer steps as
-`checkpoint_step_N.ckpt`, plus `last.ckpt` and the best by val/loss (`best.ckpt`). The
-seed's global `--data.batch_size` and `--data.micro_batch_size` decide the trainer's
-gradient accumulation, and `--eval_interval` counts optimizer steps.
+`checkpoint_step_N.ckpt`, plus `last.ckpt` (also at every ending) and the best by val/loss
+(`best.ckpt`). The seed's global `--data.batch_size` and `--data.micro_batch_size` decide the
+trainer's gradient accumulation, and `--eval_interval` counts optimizer steps (`StepPlan`).
+
+`--ckpt_path last|best|FILE`: the file is checked (one clear line if it is missing, truncated
+or another project's), the model's shape comes from it (a size flag that contradicts it is an
+error), and everything else (learning rate, schedule, intervals) from this command, so a
+resume applies what the command says.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
-from llm_lightning.checkpoint import load_checkpoint
-from llm_lightning.data.datamodule import TextDataModule, accumulation_steps
+from llm_lightning.data.datamodule import TextDataModule
 from llm_lightning.errors import UserError
+from llm_lightning.io.checkpoint import BEST, LAST, load_checkpoint, model_config
+from llm_lightning.model import PRESETS
 from llm_lightning.training.callbacks import (
+    AtomicCheckpointIO,
+    BestCheckpoint,
+    ModelLine,
     NonFiniteGuard,
     RunLog,
     SlurmRequeue,
     StepCheckpoint,
+    StepPlan,
     StepProgressBar,
+    StopOnSignal,
 )
-from llm_lightning.training.checkpoint_io import AtomicCheckpointIO
-from llm_lightning.training.module import SHAPE_KEYS, LanguageModel
-
-
-def cpu_has_fast_bf16() -> bool:
-    """avx512_bf16 or AMX: bf16 matrix products run 2-3x faster than fp32 on such CPUs."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+from llm_lightning.training.module import MODEL_FLAGS, LanguageModel
+from llm_lightning.training.throughput import cpu_has_fast_bf16
 
 
 def default_precision() -> str:
@@ -47,19 +53,37 @@ def default_precision() -> str:
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
 
 
-class BestCheckpoint(ModelCheckpoint):
-    """best.ckpt: the lowest val/loss so far, kept beside the periodic checkpoints."""
+class PredictionWriter(BasePredictionWriter):
+    """`predict` writes one JSON line per validation window: its loss and greedy accuracy."""
 
-    def __init__(self, dirpath: str) -> None:
-        super().__init__(
-            dirpath=dirpath,
-            filename="best",
-            monitor="val/loss",
-            mode="min",
-            save_top_k=1,
-            auto_insert_metric_name=False,
-            enable_version_counter=False,
-        )
+    def __init__(self, output: str = "predictions.jsonl") -> None:
+        super().__init__(write_interval="batch")
+        self.output = Path(output)
+        self._windows = 0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if trainer.world_size > 1:
+            raise UserError("predict runs on one device; pass --trainer.devices 1")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.output.write_text("")
+        self._windows = 0
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
+        with self.output.open("a") as stream:
+            for loss, accuracy, scored in zip(*(prediction[k].tolist() for k in ("loss", "accuracy", "scored_tokens")), strict=True):  # fmt: skip
+                record = {
+                    "window": self._windows,
+                    "loss": loss,
+                    "accuracy": accuracy,
+                    "scored_tokens": scored,
+                }
+                stream.write(json.dumps(record) + "\n")
+                self._windows += 1
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        rank_zero_info(f"wrote {self._windows} windows' loss and greedy accuracy to {self.output}")
 
 
 class LLMCLI(LightningCLI):
@@ -87,27 +111,77 @@ class LLMCLI(LightningCLI):
             default=500,
             help="Validate every this many optimizer steps (the seed's --eval_interval).",
         )
+        parser.add_argument(
+            "--predict_output",
+            default="predictions.jsonl",
+            help="predict: the JSON-lines file of per-window losses and greedy accuracies.",
+        )
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.max_length", "model.max_length", apply_on="instantiate")
 
+    # ----------------------------------------------------------------- --ckpt_path
     def _parse_ckpt_path(self) -> None:
-        """Build the model a checkpoint describes (LightningCLI does that), after checking the file.
-
-        The linked keys are left out: they come from the data, and on_load_checkpoint says
-        clearly when the two disagree.
-        """
+        """Resolve last/best, check the file, and build the model the checkpoint describes."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not Path(ckpt_path).exists():
-            if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-                raise UserError(f"--ckpt_path {ckpt_path}: no such file; give a .ckpt file or `last`")
+        if not subcommand:
             return
-        # mmap: every rank reads only the hyperparameters, not gigabytes of optimizer state
-        hparams = dict(load_checkpoint(ckpt_path, mmap=True)["hyper_parameters"])
-        for key in (*SHAPE_KEYS, "_instantiator", "_class_path", "compile", "init_from"):
-            hparams.pop(key, None)
-        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        section = self.config[subcommand]
+        ckpt_path = section.get("ckpt_path")
+        if not ckpt_path:
+            return
+        path = self._resolve_ckpt_path(subcommand, ckpt_path, Path(section["checkpoint"]["dirpath"]))
+        section["ckpt_path"] = str(path) if path else None
+        if path is None:
+            return
+        if section["model"].get("init_from"):
+            raise UserError("--model.init_from and --ckpt_path both give the starting weights; pass one")
+        # mmap: every rank reads only the config, not gigabytes of optimizer state
+        saved = model_config(load_checkpoint(path, mmap=True)).architecture()
+        self._check_shape_flags(section["model"], saved, path)
+        values = {name: saved[name] for name in MODEL_FLAGS if name in saved}
+        self.config = self.parser.parse_object(
+            {subcommand: {"model": {"preset": None, **values}}}, self.config
+        )
 
+    @staticmethod
+    def _resolve_ckpt_path(subcommand: str, ckpt_path: str, dirpath: Path) -> Path | None:
+        named = {"last": LAST, "best": BEST}
+        if ckpt_path in ("hpc", "registry"):
+            raise UserError(f"--ckpt_path {ckpt_path}: not supported here; give last, best or a .ckpt file")
+        if ckpt_path not in named:
+            path = Path(ckpt_path)
+            if not path.exists():
+                raise UserError(f"--ckpt_path {ckpt_path}: no such file; give a .ckpt file, last or best")
+            return path
+        path = dirpath / named[ckpt_path]
+        if path.exists():
+            return path
+        if subcommand == "fit" and ckpt_path == "last":  # a first run under a requeueing scheduler
+            rank_zero_info(f"--ckpt_path last: no {LAST} in {dirpath} yet, so training starts from scratch")
+            return None
+        why = (
+            "the fit has not validated yet?"
+            if ckpt_path == "best"
+            else "has a fit run with this --checkpoint.dirpath?"
+        )
+        raise UserError(f"--ckpt_path {ckpt_path}: no {named[ckpt_path]} in {dirpath} ({why})")
+
+    @staticmethod
+    def _check_shape_flags(model: dict, saved: dict, path: Path) -> None:
+        """A size flag or preset that contradicts the checkpoint's model is an error, not a new model."""
+        asked = dict(PRESETS.get(model.get("preset"), {}))
+        asked.update({name: model[name] for name in MODEL_FLAGS if model.get(name) is not None})
+        for name, value in asked.items():
+            if name in saved and saved[name] != value:
+                source = f"--model.{name} {value}"
+                if model.get(name) is None:
+                    source = f"--model.preset {model['preset']} ({name}={value})"
+                raise UserError(
+                    f"{source} contradicts {path}, whose model has {name}={saved[name]}: the model's shape "
+                    "comes from the checkpoint; drop the flag (or start a new run without --ckpt_path)"
+                )
+
+    # ----------------------------------------------------------------- trainer
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "checkpoint")
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -116,7 +190,13 @@ class LLMCLI(LightningCLI):
             *(trainer_config.get("callbacks") or []),
             *kwargs.get("callbacks", []),
             BestCheckpoint(str(config.dirpath)),
+            StepPlan(self._get(self.config, "eval_interval")),
+            StopOnSignal(),
         ]
+        if self.subcommand == "predict":
+            callbacks.append(PredictionWriter(self._get(self.config, "predict_output")))
+        if trainer_config.get("enable_model_summary") is not False:
+            callbacks.append(ModelLine())
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())
@@ -127,25 +207,30 @@ class LLMCLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
-    def before_fit(self) -> None:
-        trainer, data = self.trainer, self.datamodule
-        accumulation = accumulation_steps(data.batch_size, data.micro_batch_size, trainer.world_size)
-        if trainer.accumulate_grad_batches not in (1, accumulation):
-            raise UserError(
-                "--trainer.accumulate_grad_batches is derived from --data.batch_size and "
-                "--data.micro_batch_size; set those instead"
-            )
-        trainer.accumulate_grad_batches = accumulation
-        eval_interval = self._get(self.config, "eval_interval")
-        if eval_interval < 1:
-            raise UserError(f"--eval_interval {eval_interval}: must be at least 1 optimizer step")
-        # Lightning's val_check_interval counts micro-batches (#12205): convert from optimizer steps.
-        trainer.val_check_interval = eval_interval * accumulation
-        trainer.check_val_every_n_epoch = None
+
+class _DropNoise(logging.Filter):
+    """Lines Lightning prints on every fit that say nothing to act on here."""
+
+    NOISE = (
+        "Tip: For seamless cloud logging",  # an advertisement for its cloud logger
+        "Skipping setting a default `ModelSummary`",  # we replaced the summary on purpose (ModelLine)
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in self.NOISE)
+
+
+def quiet_lightning() -> None:
+    """Keep a fit's output to what a user acts on (each item named, nothing silenced wholesale)."""
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        handler.addFilter(_DropNoise())
+    # Lightning 2.6 still builds a torch pytree LeafSpec; torch 2.13 deprecates that. Not ours to fix.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
 def run_lightning_cli(argv: list[str] | None = None) -> LLMCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer loads
+    quiet_lightning()
     return LLMCLI(
         LanguageModel,
         TextDataModule,
@@ -159,7 +244,7 @@ def run_lightning_cli(argv: list[str] | None = None) -> LLMCLI:
             "gradient_clip_val": 1.0,
             "log_every_n_steps": 100,
             "precision": default_precision(),
-            "use_distributed_sampler": False,  # TextDataModule shards windows itself
+            "use_distributed_sampler": False,  # TextDataModule deals windows to data-parallel ranks itself
             "callbacks": [LearningRateMonitor(logging_interval="step"), RunLog(), SlurmRequeue()],
         },
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -45,22 +46,29 @@ def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
     return None
 
 
+def cpu_has_fast_bf16() -> bool:
+    """avx512_bf16 or AMX: bf16 matrix products run 2-3x faster than fp32 on such CPUs."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @cache
-def cpu_peak_flops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
-    """Best FLOP/s of a (size x size) @ (size x size) product on this CPU, in `dtype`.
+def cpu_peak_flops(dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """Best FLOP/s of a square matrix product on this CPU, in `dtype`.
 
     The best of repeated tries over about `seconds` (at least 5): on a shared machine most
-    tries can be slowed by other work, the fastest is the one closest to the hardware. A
-    dtype without hardware support (bf16 on a CPU lacking avx512_bf16/AMX runs ~100x slower)
-    is measured on a smaller product, so that the measurement stays short.
+    tries can be slowed by other work, the fastest is the one closest to the hardware. The
+    size is fixed by the dtype, never by a timing (one slow probe on a busy machine must not
+    change what is measured): 1024 x 1024, or 256 x 256 for bf16/fp16 on a CPU without native
+    support (emulated, ~100x slower).
     """
-    probe = torch.randn(256, 256).to(dtype)
-    probe @ probe  # warm-up: thread pool and kernel selection
-    start = time.perf_counter()
-    probe @ probe
-    if (time.perf_counter() - start) * (size / 256) ** 3 > 0.2:
-        size = 256
+    emulated = dtype in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16()
+    size = 256 if emulated else 1024
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b  # warm-up: thread pool and kernel selection
     best, tries, deadline = float("inf"), 0, time.perf_counter() + seconds
     while tries < 5 or (time.perf_counter() < deadline and tries < 100):
         start = time.perf_counter()

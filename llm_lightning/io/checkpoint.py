@@ -1,0 +1,136 @@
+"""Reading our checkpoints outside Lightning's own resume: safely, with clear errors.
+
+Files are loaded with `weights_only=True` (no arbitrary unpickling). A checkpoint carries the
+model's resolved config (`model_config`) and hyperparameters and, saved by TextDataModule,
+the tokenizer files and data metadata, so generate and export need nothing but the checkpoint.
+
+Checkpoint format 2 (this version) fuses q/k/v by key/value group and interleaves gate/up
+(model/layers.py); format 1 files (llm-lightning 0.1.0) had them stacked, and their weights are
+converted when read here (`upgrade_weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from llm_lightning.data.tokenizers import Tokenizer, load_tokenizer_from_files
+from llm_lightning.errors import UserError
+from llm_lightning.model import ModelConfig, Transformer
+from llm_lightning.model.config import DATA_FIELDS
+from llm_lightning.model.layers import fuse_gate_up, fuse_qkv
+
+FORMAT = 2
+FORMAT_KEY = "llm_lightning_format"
+CONFIG_KEY = "model_config"  # the resolved ModelConfig, as a dict
+DATAMODULE_KEY = "TextDataModule"
+MODEL_PREFIX = "model."
+LAST = "last.ckpt"
+BEST = "best.ckpt"
+
+
+def load_checkpoint(path: str | Path, flag: str = "--ckpt_path", mmap: bool = False) -> dict:
+    """The checkpoint's dictionary; UserError for a missing, truncated, corrupt or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # noqa: BLE001 - garbage bytes fail deep inside the unpickler, in any way
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise UserError(
+            f"{flag} {path}: not a readable checkpoint (truncated or corrupt?): {reason}"
+        ) from None
+    check_is_ours(checkpoint, f"{flag} {path}")
+    return checkpoint
+
+
+def check_is_ours(checkpoint, where: str) -> None:
+    if (
+        not isinstance(checkpoint, dict)
+        or "state_dict" not in checkpoint
+        or "hyper_parameters" not in checkpoint
+    ):
+        raise UserError(f"{where}: not an llm-lightning checkpoint (no state_dict / hyper_parameters)")
+    if not any(key.startswith(MODEL_PREFIX) for key in checkpoint["state_dict"]):
+        raise UserError(f"{where}: not an llm-lightning checkpoint (no transformer weights)")
+
+
+def config_from_hparams(hparams) -> ModelConfig:
+    """The ModelConfig that LanguageModel's hyperparameters describe (a preset plus overrides)."""
+    overrides = {f.name: hparams.get(f.name) for f in fields(ModelConfig) if f.name not in DATA_FIELDS}
+    return ModelConfig.from_preset(
+        hparams.get("preset"),
+        vocab_size=hparams["vocab_size"],
+        max_seq_len=hparams["max_length"],
+        **overrides,
+    )
+
+
+def model_config(checkpoint: dict) -> ModelConfig:
+    """The config of the checkpoint's model (older files only have the hyperparameters)."""
+    if CONFIG_KEY in checkpoint:
+        return ModelConfig.from_dict(checkpoint[CONFIG_KEY])
+    return config_from_hparams(checkpoint["hyper_parameters"])
+
+
+def model_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The Transformer's state dict (plain names, current layout) from a checkpoint."""
+    weights = {
+        key.removeprefix(MODEL_PREFIX).replace("_orig_mod.", ""): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(MODEL_PREFIX)
+    }
+    return upgrade_weights(weights, model_config(checkpoint), checkpoint.get(FORMAT_KEY, 1))
+
+
+def upgrade_weights(weights: dict[str, torch.Tensor], config: ModelConfig, version: int) -> dict:
+    """Weights of an older checkpoint format in this version's layout."""
+    if version >= FORMAT:
+        return weights
+    kv_dim = config.num_kv_heads * config.head_dim
+    upgraded = dict(weights)
+    for name, tensor in weights.items():
+        if name.endswith("attn.qkv_proj.weight"):  # was [q | k | v]
+            upgraded[name] = fuse_qkv(*tensor.split([config.hidden_size, kv_dim, kv_dim]), config)
+        elif name.endswith("mlp.gate_up_proj.weight"):  # was [gate | up]
+            upgraded[name] = fuse_gate_up(*tensor.chunk(2))
+    return upgraded
+
+
+def load_model(checkpoint: dict, flag: str = "--ckpt_path") -> Transformer:
+    """The trained Transformer (plain torch.nn, eval mode, on CPU) from a checkpoint dict."""
+    model = Transformer(model_config(checkpoint))
+    try:
+        model.load_state_dict(model_weights(checkpoint))
+    except RuntimeError as error:
+        raise UserError(
+            f"{flag}: weights do not fit the saved model config: {str(error).splitlines()[0]}"
+        ) from None
+    return model.eval()
+
+
+def load_tokenizer(checkpoint: dict, flag: str = "--ckpt_path") -> Tokenizer:
+    """The tokenizer the checkpoint was trained with (embedded by TextDataModule)."""
+    files = checkpoint.get(DATAMODULE_KEY, {}).get("tokenizer_files")
+    if not files:
+        raise UserError(f"{flag}: the checkpoint carries no tokenizer (not trained with TextDataModule)")
+    return load_tokenizer_from_files(files)
+
+
+def latest_checkpoint(folder: str | Path | None) -> Path | None:
+    """last.ckpt, else the newest checkpoint_step_N of a folder; None when there is none."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    folder = Path(folder)
+    if (folder / LAST).exists():
+        return folder / LAST
+    steps = sorted(folder.glob("checkpoint_step_*.ckpt"), key=lambda p: _step_of(p.name))
+    return steps[-1] if steps else None
+
+
+def _step_of(name: str) -> int:
+    digits = name.removeprefix("checkpoint_step_").removesuffix(".ckpt")
+    return int(digits) if digits.isdigit() else -1

@@ -1,0 +1,198 @@
+"""Every ending of a fit leaves the state after its last completed step in last.ckpt.
+
+Each ending runs through the real CLI and is then resumed; where the run can be compared, the
+resumed weights equal those of one uninterrupted run (fp32 on CPU, bit for bit), which shows
+that the saved state (weights, optimizer, schedule and the data position) was complete.
+The learning-rate horizon is pinned (--model.max_steps) so that interrupted and uninterrupted
+runs share one schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from llm_lightning.io.checkpoint import load_checkpoint
+from tests.conftest import REPO, TINY_FIT, assert_same_weights, fit, fit_flags, records, run_cli
+
+STEPS = 30
+PLAN = (
+    "--model.max_steps",
+    str(STEPS),
+    "--checkpoint.every_n_train_steps",
+    "10",
+    "--trainer.log_every_n_steps",
+    "5",
+)
+
+
+def step_of(path: Path) -> int:
+    return load_checkpoint(path)["global_step"]
+
+
+@pytest.fixture(scope="module")
+def straight(prepared_dir, tmp_path_factory) -> Path:
+    """30 steps without interruption: what every ending plus a resume must reproduce."""
+    ckpts = tmp_path_factory.mktemp("straight") / "ckpts"
+    result = fit(prepared_dir, ckpts, *PLAN, steps=STEPS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return ckpts
+
+
+def resume_to_the_end(prepared_dir: Path, ckpts: Path, *extra: str) -> None:
+    result = fit(prepared_dir, ckpts, *PLAN, "--ckpt_path", "last", *extra, steps=STEPS)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_max_steps_off_the_intervals_saves_the_final_state_and_validates(prepared_dir, tmp_path, straight):
+    ckpts = tmp_path / "ckpts"
+    result = fit(prepared_dir, ckpts, *PLAN, steps=15)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert step_of(ckpts / "last.ckpt") == 15
+    assert [r["step"] for r in records(ckpts, "val")] == [10, 15]  # a final validation off the interval
+    assert (ckpts / "best.ckpt").is_file()
+    assert records(ckpts, "train")[-1]["step"] == 15 and records(ckpts, "end")[-1]["reason"] == "finished"
+    tags = tensorboard_tags(tmp_path / "logs")
+    assert {"train/loss", "val/loss", "lr"} <= tags, tags
+    resume_to_the_end(prepared_dir, ckpts)
+    assert_same_weights(straight / "last.ckpt", ckpts / "last.ckpt")
+
+
+def tensorboard_tags(folder: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in folder.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+def test_max_time_saves_and_validates_the_step_it_stopped_at(prepared_dir, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    result = fit(
+        prepared_dir, ckpts, "--trainer.max_time", "00:00:00:04", "--model.max_steps", "1000", steps=1000
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (end,) = records(ckpts, "end")
+    assert end["reason"] == "max_time" and 0 < end["step"] < 1000
+    assert step_of(ckpts / "last.ckpt") == end["step"]
+    assert records(ckpts, "val")[-1]["step"] == end["step"]
+    shown = run_cli("monitor", "--checkpoint_dir", ckpts)
+    assert "max_time" in shown.stdout and "running" not in shown.stdout, shown.stdout
+
+
+def start_fit(prepared_dir: Path, ckpts: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    flags = [str(f) for f in fit_flags(prepared_dir, ckpts, *PLAN, *extra, steps=STEPS)]
+    ckpts.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "llm_lightning", "fit", *flags],
+        cwd=ckpts.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        start_new_session=True,  # its own process group, as a shell job is
+    )
+
+
+def wait_for_step(process: subprocess.Popen, ckpts: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the run ended first: {process.stderr.read()[-3000:]}"
+        log = ckpts / "metrics.jsonl"
+        if log.exists() and any(
+            r.get("step", 0) >= step for r in map(json.loads, log.read_text().splitlines())
+        ):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def check_interrupted(process: subprocess.Popen, signum: int, ckpts: Path) -> int:
+    """Exit 128 + signal, one line naming where the state is; that state is at a step boundary."""
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"llm-lightning: stopped by {signal.Signals(signum).name}"), stderr[-2000:]
+    assert str(ckpts / "last.ckpt") in last_line and "--ckpt_path last" in last_line
+    assert "Traceback" not in stderr
+    step = step_of(ckpts / "last.ckpt")
+    assert f"after step {step} " in last_line
+    assert records(ckpts, "end")[-1]["reason"] == "interrupted"
+    return step
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_step_saves_and_resumes_exactly(signum, prepared_dir, tmp_path, straight):
+    ckpts = tmp_path / "ckpts"
+    process = start_fit(prepared_dir, ckpts)
+    wait_for_step(process, ckpts, 5)
+    os.killpg(process.pid, signum)  # to the whole job, as Ctrl-C or a scheduler's stop does
+    step = check_interrupted(process, signum, ckpts)
+    assert 5 <= step < STEPS
+    resume_to_the_end(prepared_dir, ckpts)
+    assert_same_weights(straight / "last.ckpt", ckpts / "last.ckpt")
+
+
+def test_a_second_signal_stops_at_once(prepared_dir, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    process = start_fit(prepared_dir, ckpts, "--model.max_steps", "100000", "--trainer.max_steps", "100000")
+    wait_for_step(process, ckpts, 1)
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(0.2)  # two signals sent at once may arrive as one
+    os.killpg(process.pid, signal.SIGINT)
+    process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGINT
+
+
+def test_sigterm_to_the_first_of_two_ddp_processes_stops_both_at_one_step(prepared_dir, tmp_path):
+    """Only rank 0 gets the signal (`kill PID`); the ranks agree and both stop after the same step."""
+    ckpts = tmp_path / "ckpts"
+    env = {"OMP_NUM_THREADS": "1"}
+    process = start_fit(prepared_dir, ckpts, "--trainer.strategy", "ddp", "--trainer.devices", "2", env=env)
+    wait_for_step(process, ckpts, 5)
+    os.kill(process.pid, signal.SIGTERM)
+    step = check_interrupted(process, signal.SIGTERM, ckpts)
+    assert 5 <= step < STEPS
+    assert load_checkpoint(ckpts / "last.ckpt")["TextDataModule"]["position"] == step * 8
+
+
+def test_an_exception_saves_the_last_completed_step(prepared_dir, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    crash = ("--trainer.callbacks+=tests.training.test_endings.CrashAt", "--trainer.callbacks.step", "7")
+    result = fit(prepared_dir, ckpts, *PLAN, *crash, steps=STEPS)
+    assert result.returncode == 1 and "crashed on purpose" in result.stderr
+    assert step_of(ckpts / "last.ckpt") == 6  # step 7 never completed
+    assert records(ckpts, "end")[-1]["reason"] == "error"
+
+
+class CrashAt(L.Callback):
+    """A callback that fails during optimizer step `step` (after its forward pass)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step + 1 == self.step:
+            raise RuntimeError("crashed on purpose")
+
+
+def test_validate_leaves_the_run_and_its_log_alone(run_dir, prepared_dir, tmp_path):
+    before = (run_dir / "metrics.jsonl").read_text()
+    result = run_cli(
+        "validate", *TINY_FIT, "--data.data_dir", prepared_dir, "--data.batch_size", 8,
+        "--ckpt_path", run_dir / "last.ckpt", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert not (tmp_path / "checkpoints").exists()

@@ -17,8 +17,10 @@ from llm_lightning.errors import UserError
 # subcommand -> module with `main(argv: list[str]) -> int`
 TOOLS = {
     "prepare": "llm_lightning.data.prepare",
+    "merge-shards": "llm_lightning.tools.merge_shards",
     "generate": "llm_lightning.tools.generate",
     "export": "llm_lightning.tools.export",
+    "consolidate": "llm_lightning.tools.consolidate",
     "monitor": "llm_lightning.tools.monitor",
     "setup": "llm_lightning.tools.setup",
     "bench": "llm_lightning.tools.bench",
@@ -36,8 +38,10 @@ Training (LightningCLI: YAML configs with --config, any Trainer/model/data flag)
 
 Data and tools:
   prepare        raw text folder -> tokenizer + token files (the seed's data_prep_tool.py)
+  merge-shards   the shards of `prepare --num_shards N` (a job array) as one data folder
   generate       sample text from a checkpoint
   export         a checkpoint as a Hugging Face Llama folder
+  consolidate    a sharded checkpoint folder as one .ckpt file
   monitor        table and plots of a run (the seed's utils.py monitor)
   setup          check the installation and devices (the seed's utils.py setup)
   bench          time training steps: tokens/s, MFU, memory

@@ -8,6 +8,7 @@
 #   bash scripts/bench.sh quality         # only time-to-loss / the quality bar
 #   bash scripts/bench.sh ablation        # only what each optimization is worth (our step, undone one at a time)
 #   bash scripts/bench.sh init            # our model under six weight initialisations (~25 min; not in `all`)
+#   bash scripts/bench.sh recipe          # time to litgpt's best loss: our default recipe, 2 corpora x 3 seeds, ablation
 #   BENCH_INIT_SEEDS="1 2"                # also repeat the quality part with these initial-weight seeds
 #   BENCH_QUICK=1 bash scripts/bench.sh   # a short version (1 round, fewer steps)
 #   BENCH_CORPUS=FILE                     # corpus for the quality part (default: tinyshakespeare)
@@ -79,6 +80,14 @@ if [ "$PART" = all ] || [ "$PART" = quality ]; then
     else
         echo "skipped: no corpus at $CORPUS (set BENCH_CORPUS=FILE to a text file such as tinyshakespeare.txt)"
     fi
+fi
+
+if [ "$PART" = all ] || [ "$PART" = recipe ]; then
+    echo "== recipe: time to litgpt's best 300-step loss, our fit's default recipe, two corpora =="
+    CORPORA=(--demo)
+    if [ -f "$CORPUS" ]; then CORPORA+=(--corpus "$CORPUS"); fi
+    $PY -m benchmarks.recipe --peer_python "$PEER_VENV/bin/python" --out "$OUT" "${CORPORA[@]}" \
+        --ours_old --ablate ${BENCH_QUICK:+--seeds 0 --steps 60}
 fi
 
 if [ "$PART" = init ]; then

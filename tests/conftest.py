@@ -58,7 +58,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_dir(corpus_dir, tmp_path_factory) -> Path:
-    """A prepared dataset: bpe vocab 512, windows of 32 tokens."""
+    """A prepared dataset: bpe vocab 400 (divisible by 2 and 4, for tensor parallelism), windows of 32 tokens."""
     from llm_lightning.data.prepare import prepare
 
     output = tmp_path_factory.mktemp("prepared") / "processed_data"
@@ -66,7 +66,7 @@ def prepared_dir(corpus_dir, tmp_path_factory) -> Path:
         input_dir=corpus_dir,
         output_dir=output,
         tokenizer_type="bpe",
-        vocab_size=512,
+        vocab_size=400,
         max_length=32,
         stride=32,
         num_workers=1,

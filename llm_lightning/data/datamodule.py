@@ -11,20 +11,23 @@ resume continues the stream exactly (with any batch split or device count) and n
 data made with another tokenizer. Data parallelism comes from the strategy
 (`distributed_sampler_kwargs`): under tensor parallelism the ranks of one group read the
 same micro-batch.
+
+`data_dir` is a prepared folder, a merged one (its shards read as one split, windows never
+crossing a shard), or a list of them: a mixture (mixture.py), drawn by `weights` through a
+`MixtureOrder`, with per-source epochs (`epochs_by_source`) and validation batches that carry
+their source's index so the module can report `val/loss/<name>` beside `val/loss`.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from llm_lightning.data.format import read_metadata, split_path
-from llm_lightning.data.sampler import StreamSampler, WindowOrder
-from llm_lightning.data.tokenizers import fingerprint, tokenizer_files
-from llm_lightning.data.windows import ScoredWindows, TokenWindows
+from llm_lightning.data.mixture import Source, common_stride, normalized_weights, open_sources
+from llm_lightning.data.sampler import StreamSampler, make_order
+from llm_lightning.data.tokenizers import fingerprint
+from llm_lightning.data.windows import FileWindows, ScoredFileWindows
 from llm_lightning.errors import UserError
 
 
@@ -42,7 +45,8 @@ def accumulation_steps(batch_size: int, micro_batch_size: int, data_parallel_siz
 class TextDataModule(L.LightningDataModule):
     def __init__(
         self,
-        data_dir: str = "./processed_data",
+        data_dir: str | list[str] = "./processed_data",
+        weights: list[float] | None = None,
         batch_size: int = 32,
         micro_batch_size: int | None = None,
         stride: int | None = None,
@@ -52,7 +56,10 @@ class TextDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            data_dir: output folder of `llm-lightning prepare`.
+            data_dir: output folder of `llm-lightning prepare` (or of `merge-shards`), or a list of
+                them to train on a mixture: `[web, code]`.
+            weights: with a list of folders, the share of training windows drawn from each
+                (`[0.75, 0.25]`); defaults to their sizes (one concatenated dataset).
             batch_size: global batch, in sequences per optimizer step (across all devices).
             micro_batch_size: sequences per device per forward pass; defaults to batch_size
                 (no accumulation on one device).
@@ -64,21 +71,26 @@ class TextDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir)
-        self.metadata = read_metadata(data_dir)
+        self.sources: list[Source] = open_sources(data_dir)
+        self.source_names = [source.name for source in self.sources]
+        self.val_bytes_per_token = [source.val_bytes_per_token for source in self.sources]
+        self.data_dir = self.sources[0].folder  # the first folder: messages name it
+        self.metadata = combined_metadata(self.sources)
         self.vocab_size: int = self.metadata["vocab_size"]
         self.max_length: int = self.metadata["max_length"]
         self.eos_id: int = self.metadata["eos_id"]
+        self.weights = normalized_weights(weights, self.sources)
         self.batch_size = batch_size
         self.micro_batch_size = micro_batch_size or batch_size
-        self.stride = self.metadata["stride"] if stride is None else stride
+        self.stride = common_stride(self.sources, stride)
         if not 1 <= self.stride <= self.max_length:
             raise UserError(f"--data.stride {self.stride} must be between 1 and max_length {self.max_length}")
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
-        self.tokenizer_files = tokenizer_files(data_dir)
+        self.tokenizer_files = self.sources[0].tokenizer_files
         self.tokenizer_fingerprint = fingerprint(self.tokenizer_files)
         self.resume_position = 0  # windows of the stream consumed before this run (from a checkpoint)
         self._stream_start: tuple[int, int] | None = None  # (position, global step) when training started
+        self._order = None  # the stream's order, once the training windows are known
         self.num_train_windows: int | None = None
 
     # ----------------------------------------------------------------- geometry
@@ -99,18 +111,38 @@ class TextDataModule(L.LightningDataModule):
         start, step = self._stream_start
         return start + (self.trainer.global_step - step) * self.batch_size
 
-    def _windows(self, split: str) -> TokenWindows:
-        path = split_path(self.data_dir, split)
-        if split == "train":
-            windows = TokenWindows(path, self.metadata["dtype"], self.max_length, self.stride)
-        else:
-            rank, world = self.data_parallel()
-            windows = ScoredWindows(path, self.metadata["dtype"], self.max_length, self.stride, rank, world)
-        if len(windows) == 0:
-            raise UserError(
-                f"{path}: fewer than max_length + 1 = {self.max_length + 1} tokens, not one window; "
-                "prepare more text or a smaller --max_length"
-            )
+    def train_windows(self) -> tuple[FileWindows, list[int]]:
+        """All sources' training windows, one source after the other, and how many each has."""
+        files = [source.files("train") for source in self.sources]
+        windows = FileWindows(sum(files, []), self.metadata["dtype"], self.max_length, self.stride)
+        counts = iter(windows.counts)
+        sizes = [sum(next(counts) for _ in group) for group in files]
+        shares = self.weights or [1.0] * len(sizes)
+        for source, size, share in zip(self.sources, sizes, shares, strict=True):
+            if size == 0 and share > 0:
+                raise UserError(
+                    f"{source.folder}: its train split has fewer than max_length + 1 = {self.max_length + 1} tokens, "
+                    "not one window; prepare more text or a smaller --max_length"
+                )
+        return windows, sizes
+
+    def val_windows(self) -> ScoredFileWindows:
+        """All sources' validation windows, each tagged with its source's index."""
+        paths, tags = [], []
+        for index, source in enumerate(self.sources):
+            for path in source.files("val"):
+                paths.append(path)
+                tags.append(index)
+        rank, world = self.data_parallel()
+        windows = ScoredFileWindows(
+            paths, tags, self.metadata["dtype"], self.max_length, self.stride, rank, world
+        )
+        for path, size, count in zip(paths, windows.sizes, windows.counts, strict=True):
+            if count == 0:  # its tokens could not be scored, so the loss would not be the split's
+                raise UserError(
+                    f"{path}: {size} tokens, fewer than max_length + 1 = {self.max_length + 1}, not one window; "
+                    "prepare more text or a smaller --max_length"
+                )
         return windows
 
     def _loader_options(self) -> dict:
@@ -123,7 +155,7 @@ class TextDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
-        windows = self._windows("train")
+        windows, sizes = self.train_windows()
         if len(windows) < self.batch_size:
             raise UserError(
                 f"{self.data_dir}: {len(windows)} training windows, fewer than one batch of "
@@ -132,12 +164,12 @@ class TextDataModule(L.LightningDataModule):
         rank, world = self.data_parallel()
         self.num_train_windows = len(windows)
         self._stream_start = (self.resume_position, self.trainer.global_step if self.trainer else 0)
-        order = WindowOrder(len(windows), self.seed)
-        sampler = StreamSampler(order, self.resume_position, self.micro_batch_size, rank, world)
+        self._order = make_order(sizes, self.weights, self.seed)
+        sampler = StreamSampler(self._order, self.resume_position, self.micro_batch_size, rank, world)
         return DataLoader(windows, sampler=sampler, **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._windows("val"), shuffle=False, **self._loader_options())
+        return DataLoader(self.val_windows(), shuffle=False, **self._loader_options())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -146,8 +178,19 @@ class TextDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def epochs_seen(self) -> float:
-        """Passes over the training windows so far (fractional)."""
-        return self.position / max(self.num_train_windows or len(self._windows("train")), 1)
+        """Passes over the training windows so far (fractional; for a mixture, over all of them)."""
+        return self.position / max(self.num_train_windows or len(self.train_windows()[0]), 1)
+
+    def epochs_by_source(self) -> dict[str, float]:
+        """`train/epochs/<name>`: passes over each source's windows so far (a mixture only)."""
+        if len(self.sources) == 1:
+            return {}
+        order = self._order or make_order(self.train_windows()[1], self.weights, self.seed)
+        drawn = order.drawn(self.position)
+        return {
+            f"train/epochs/{name}": count / max(size, 1)
+            for name, count, size in zip(self.source_names, drawn, order.sizes, strict=True)
+        }
 
     # ----------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict:
@@ -159,6 +202,7 @@ class TextDataModule(L.LightningDataModule):
             "position": self.position,
             "stride": self.stride,
             "seed": self.seed,
+            "weights": self.weights,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -172,7 +216,7 @@ class TextDataModule(L.LightningDataModule):
                 "in the checkpoint); use the data folder the checkpoint was trained on, or prepare this text "
                 "with `prepare --tokenizer` pointing at that folder"
             )
-        for name in ("stride", "seed"):
+        for name in ("stride", "seed", "weights"):
             if name in state and state[name] != getattr(self, name) and self._resuming_fit():
                 raise UserError(
                     f"--data.{name} {getattr(self, name)}: the checkpoint's run used {state[name]}, and its data "
@@ -190,3 +234,16 @@ class TextDataModule(L.LightningDataModule):
     def _resuming_fit(self) -> bool:
         trainer = self.trainer
         return trainer is not None and trainer.state.fn == "fit"
+
+
+def combined_metadata(sources: list[Source]) -> dict:
+    """The one folder's metadata, or for a mixture what its folders share and each one's size."""
+    if len(sources) == 1:
+        return sources[0].metadata
+    first = sources[0].metadata
+    shared = ("tokenizer_type", "tokenizer_fingerprint", "vocab_size", "eos_id", "dtype", "max_length")
+    return {
+        **{key: first[key] for key in shared if key in first},
+        "sources": [{"name": s.name, "data_dir": str(s.folder)} for s in sources],
+        "num_tokens": [s.metadata.get("num_tokens") for s in sources],
+    }

@@ -29,22 +29,90 @@ DATAMODULE_KEY = "TextDataModule"
 MODEL_PREFIX = "model."
 LAST = "last.ckpt"
 BEST = "best.ckpt"
+SHARD_METADATA = ".metadata"  # what torch.distributed.checkpoint writes beside the shards
+SHARD_META = "meta.pt"  # Lightning's: everything but weights and optimizer states
 
 
 def load_checkpoint(path: str | Path, flag: str = "--ckpt_path", mmap: bool = False) -> dict:
-    """The checkpoint's dictionary; UserError for a missing, truncated, corrupt or foreign file."""
+    """The checkpoint's dictionary (a sharded folder consolidated in memory); UserError for a
+    missing, truncated, corrupt or foreign file or folder."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        checkpoint = consolidate(path, flag)
+    elif not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:  # noqa: BLE001 - garbage bytes fail deep inside the unpickler, in any way
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-        raise UserError(
-            f"{flag} {path}: not a readable checkpoint (truncated or corrupt?): {reason}"
-        ) from None
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as error:  # noqa: BLE001 - garbage bytes fail deep inside the unpickler, in any way
+            raise UserError(
+                f"{flag} {path}: not a readable checkpoint (truncated or corrupt?): {_reason(error)}"
+            ) from None
     check_is_ours(checkpoint, f"{flag} {path}")
     return checkpoint
+
+
+def _reason(error: Exception) -> str:
+    return str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+
+
+def read_config(path: str | Path, flag: str = "--ckpt_path") -> ModelConfig:
+    """The model config of a checkpoint file or folder, without reading its weights."""
+    path = Path(path)
+    if is_sharded(path):
+        try:
+            meta = torch.load(path / SHARD_META, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001
+            raise UserError(
+                f"{flag} {path}: unreadable {SHARD_META} (incomplete?): {_reason(error)}"
+            ) from None
+        if not isinstance(meta, dict) or "hyper_parameters" not in meta:
+            raise UserError(f"{flag} {path}: not an llm-lightning checkpoint (no hyper_parameters)")
+        return model_config(meta)
+    return model_config(load_checkpoint(path, flag, mmap=True))
+
+
+def is_sharded(path: str | Path) -> bool:
+    """A folder written by the sharded strategy (per-rank shards and their metadata)."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARD_METADATA).is_file()
+
+
+def consolidate(folder: str | Path, flag: str = "--ckpt_path") -> dict:
+    """A sharded checkpoint folder as the dictionary of one ordinary checkpoint, in CPU memory.
+
+    No process group is needed: one process reads every rank's shards. The optimizer states
+    (keyed by parameter name in the folder) get torch's positional ids, in the order of their
+    parameter groups, so that one device or DDP resumes from the result as from any checkpoint.
+    """
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    folder = Path(folder)
+    if not is_sharded(folder):
+        raise UserError(f"{flag} {folder}: a folder, but not a sharded checkpoint (no {SHARD_METADATA})")
+    try:
+        checkpoint = _load_distributed_checkpoint(folder)
+    except Exception as error:  # noqa: BLE001 - a damaged shard fails inside torch.distributed.checkpoint
+        raise UserError(
+            f"{flag} {folder}: not a readable sharded checkpoint (incomplete?): {_reason(error)}"
+        ) from None
+    names = sorted(
+        (k for k in checkpoint if k.startswith("optimizer_") and k[10:].isdigit()), key=lambda k: int(k[10:])
+    )
+    checkpoint["optimizer_states"] = [optimizer_state_by_position(checkpoint.pop(name)) for name in names]
+    return checkpoint
+
+
+def optimizer_state_by_position(state: dict) -> dict:
+    """An optimizer state keyed by parameter name -> torch's positional form (param-group order)."""
+    order = [name for group in state["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    return {
+        "state": {index[name]: value for name, value in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [index[n] for n in group["params"]]} for group in state["param_groups"]
+        ],
+    }
 
 
 def check_is_ours(checkpoint, where: str) -> None:

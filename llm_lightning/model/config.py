@@ -51,6 +51,8 @@ class ModelConfig:
         init_std: spread of the normal weight init (default sqrt(2 / (5 x hidden_size)), the
             "small init"); the residual output projections start at zero.
         dropout: dropout on the attention and residual branches.
+        qk_norm: RMSNorm on each head's queries and keys before the rotary embedding (as Qwen3):
+            attention logits stay bounded, so larger learning rates stay stable.
     """
 
     vocab_size: int = 32000
@@ -66,6 +68,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float | None = None
     dropout: float = 0.0
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -137,7 +140,7 @@ def num_parameters(config: ModelConfig, include_embedding: bool = True) -> int:
     h, kv_dim = config.hidden_size, config.num_kv_heads * config.head_dim
     attention = h * h + 2 * h * kv_dim + h * h  # q, k, v, o
     mlp = 3 * h * config.intermediate_size  # gate, up, down
-    block = attention + mlp + 2 * h  # two RMSNorm weights
+    block = attention + mlp + 2 * h + (2 * config.head_dim if config.qk_norm else 0)  # RMSNorm weights
     body = config.num_layers * block + h  # final norm
     embedding = config.vocab_size * h
     head = 0 if config.tie_embeddings else config.vocab_size * h
@@ -151,7 +154,8 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> int:
     plus 12 x layers x hidden x seq_len for the attention scores and their weighted sum.
     """
     h = config.hidden_size
-    matmul_params = num_parameters(config, include_embedding=False) - (2 * config.num_layers + 1) * h
+    norms = (2 * h + (2 * config.head_dim if config.qk_norm else 0)) * config.num_layers + h
+    matmul_params = num_parameters(config, include_embedding=False) - norms
     if config.tie_embeddings:  # the tied head still does its matmul
         matmul_params += config.vocab_size * h
     return 6 * matmul_params + 12 * config.num_layers * h * seq_len

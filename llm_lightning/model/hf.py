@@ -1,4 +1,4 @@
-"""Our Transformer in Hugging Face's Llama layout, and back.
+"""Our Transformer in Hugging Face's Llama layout (Qwen3's, with QK-norm), and back.
 
 The architectures are the same; only names differ, and we fuse q/k/v and gate/up into one
 projection each (layers.py: `fuse_qkv`, `fuse_gate_up`). This module owns the whole mapping:
@@ -25,10 +25,12 @@ CONFIG_FILE = "config.json"
 
 
 def hf_config(config: ModelConfig, eos_id: int | None = None) -> dict:
-    """The config.json of an equivalent LlamaForCausalLM."""
+    """The config.json of an equivalent LlamaForCausalLM (Qwen3ForCausalLM with QK-norm: the
+    same architecture plus an RMSNorm on each head's queries and keys)."""
+    qwen3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False}
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        **(qwen3 if config.qk_norm else llama),
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -66,6 +68,7 @@ def config_from_hf(values: dict) -> ModelConfig:
         norm_eps=values.get("rms_norm_eps", 1e-5),
         tie_embeddings=values.get("tie_word_embeddings", False),
         init_std=values.get("initializer_range", 0.02),
+        qk_norm=values.get("model_type") == "qwen3",
     )
 
 
@@ -91,6 +94,9 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
                 prefix + "mlp.down_proj.weight": block.mlp.down_proj.weight,
             }
         )
+        if cfg.qk_norm:
+            state[prefix + "self_attn.q_norm.weight"] = block.attn.q_norm.weight
+            state[prefix + "self_attn.k_norm.weight"] = block.attn.k_norm.weight
     return {name: tensor.detach().contiguous() for name, tensor in state.items()}
 
 
@@ -116,14 +122,21 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
                 f"layers.{i}.mlp.down_proj.weight": state[p + "mlp.down_proj.weight"],
             }
         )
+        if config.qk_norm:
+            ours[f"layers.{i}.attn.q_norm.weight"] = state[p + "self_attn.q_norm.weight"]
+            ours[f"layers.{i}.attn.k_norm.weight"] = state[p + "self_attn.k_norm.weight"]
     return ours
 
 
 def to_hf_llama(model: Transformer):
-    """An in-memory transformers LlamaForCausalLM with our weights (needs `transformers`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """An in-memory transformers model with our weights (needs `transformers`): LlamaForCausalLM,
+    or Qwen3ForCausalLM for a model with QK-norm."""
+    import transformers
 
-    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model.config)))
+    values = hf_config(model.config)
+    name = values["architectures"][0]
+    config_class = getattr(transformers, name.replace("ForCausalLM", "Config"))
+    hf = getattr(transformers, name)(config_class(**values))
     hf.load_state_dict(to_hf_state_dict(model), strict=not model.config.tie_embeddings)
     return hf
 

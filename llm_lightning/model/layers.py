@@ -120,6 +120,9 @@ class Attention(nn.Module):
         kv_dim = config.num_kv_heads * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, config.hidden_size + 2 * kv_dim, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.rotary = apply_rotary  # an attribute, so a benchmark can time another implementation
 
     def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
@@ -129,6 +132,8 @@ class Attention(nn.Module):
         q = groups[:, :, :, : cfg.kv_groups].flatten(2, 3).transpose(1, 2)  # (batch, heads, seq, dim)
         k = groups[:, :, :, -2].transpose(1, 2)
         v = groups[:, :, :, -1].transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
 
         past = 0
@@ -163,6 +168,11 @@ def split_qkv(weight: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, 
     return q, groups[:, -2].reshape(-1, weight.shape[-1]), groups[:, -1].reshape(-1, weight.shape[-1])
 
 
+def qkv_parts(config: ModelConfig) -> tuple[list[int], int]:
+    """The fused qkv weight's rows as (part sizes, blocks): `blocks` repeats of [q, k, v] rows."""
+    return [config.kv_groups * config.head_dim, config.head_dim, config.head_dim], config.num_kv_heads
+
+
 def _causal_mask(past: int, seq: int, device) -> torch.Tensor:
     """Boolean mask for `seq` new queries after `past` cached positions (True = may attend)."""
     query_pos = torch.arange(past, past + seq, device=device)[:, None]
@@ -190,6 +200,11 @@ class SwiGLU(nn.Module):
 def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The fused gate_up_proj weight from plain gate and up weights: rows interleaved."""
     return torch.stack([gate, up], dim=1).flatten(0, 1)
+
+
+def gate_up_parts(config: ModelConfig) -> tuple[list[int], int]:
+    """The fused gate/up weight's rows as (part sizes, blocks): intermediate_size repeats of [gate, up]."""
+    return [1, 1], config.intermediate_size
 
 
 def split_gate_up(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

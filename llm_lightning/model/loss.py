@@ -29,11 +29,14 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     reduction: str = "mean",
     chunk_rows: int | None = None,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Cross entropy of `hidden @ weight.T` against `targets`, never holding all the logits.
 
     hidden (N, H), weight (V, H), targets (N,) -> the mean loss, or the N per-row losses with
-    reduction="none", in fp32. The logits are computed `chunk_rows` rows at a time (default:
+    reduction="none", in fp32. `z_loss` > 0 adds z_loss x logsumexp(logits)^2 per row to the
+    mean (PaLM's z-loss: it keeps the softmax normaliser near 1, so the logits cannot drift);
+    the per-row losses (validation) are the plain cross entropy. The logits are computed `chunk_rows` rows at a time (default:
     `loss_chunk_rows`), in the autocast dtype when autocast is on (as `lm_head` would), and
     reduced in fp32. When gradients are needed for the mean, each chunk's gradients are
     computed right away (the logits are in cache then) and the backward pass only scales them.
@@ -47,19 +50,19 @@ def linear_cross_entropy(
             losses = _chunked_losses(hidden, weight, targets, chunk_rows)
         return losses.mean() if reduction == "mean" else losses
     if reduction == "mean":
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, z_loss)
     # Per-row losses with gradients (no caller in the project needs them): the plain way.
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
 
 
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     """The dtype a matrix product of `tensor` runs in here: the autocast dtype if autocast is on."""
     device = tensor.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
 def _chunked_losses(hidden, weight, targets, chunk_rows: int) -> torch.Tensor:
-    dtype = _compute_dtype(hidden)
+    dtype = compute_dtype(hidden)
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(dtype)
         losses = []
@@ -73,14 +76,15 @@ def _chunked_losses(hidden, weight, targets, chunk_rows: int) -> torch.Tensor:
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross entropy with gradients computed chunk by chunk in the forward pass.
 
-    d(mean loss)/d(logits) = (softmax(logits) - onehot(target)) / N, so each chunk's logits
-    turn into their gradient in place, which then gives that chunk's share of the hidden-state
-    and weight gradients. Matrix products run in the autocast dtype, softmax in fp32.
+    d(mean loss)/d(logits) = (softmax(logits) (1 + 2 z lse) - onehot(target)) / N, with z the
+    z-loss coefficient and lse the row's logsumexp, so each chunk's logits turn into their
+    gradient in place, which then gives that chunk's share of the hidden-state and weight
+    gradients. Matrix products run in the autocast dtype, softmax in fp32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int):
-        dtype, rows = _compute_dtype(hidden), hidden.shape[0]
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, z_loss: float = 0.0):
+        dtype, rows = compute_dtype(hidden), hidden.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -96,7 +100,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 peak = logits.amax(dim=-1, keepdim=True)
                 grad = logits.sub_(peak).exp_()  # softmax x its normaliser, in place of the logits
                 normaliser = grad.sum(dim=-1, keepdim=True)
-                total += (peak + normaliser.log() - target_logits).sum()  # logsumexp - target logit
+                lse = peak + normaliser.log()
+                total += (lse - target_logits).sum()  # logsumexp - target logit
+                if z_loss:
+                    total += z_loss * lse.square().sum()
+                    grad.mul_(1 + 2 * z_loss * lse)
                 grad.div_(normaliser * rows)
                 grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype).div_(rows))
                 grad = grad.to(dtype)
@@ -118,4 +126,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None

@@ -53,6 +53,9 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        # The LM-head loss, an attribute so that parallelism applied from outside can swap in
+        # a version for a vocabulary-split head (training/parallel/loss.py).
+        self.head_loss = linear_cross_entropy
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -87,14 +90,18 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
         reduction: str = "mean",
+        z_loss: float = 0.0,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab) for token ids (batch, seq).
 
         With `targets` (batch, seq), the cross entropy instead: the mean over tokens, or
         per-token losses (batch x seq,) with reduction="none", computed without materialising
-        the whole (batch, seq, vocab) logits (see `linear_cross_entropy`).
+        the whole (batch, seq, vocab) logits (see `linear_cross_entropy`); `z_loss` adds its
+        coefficient x logsumexp^2 to the mean.
         """
         hidden = self.hidden_states(input_ids, cache)
         if targets is None:
             return self.lm_head(hidden)
-        return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction)
+        return self.head_loss(
+            hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction, z_loss=z_loss
+        )

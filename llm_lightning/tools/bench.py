@@ -39,6 +39,7 @@ from llm_lightning.model import PRESETS, ModelConfig, Transformer, flops_per_tok
 from llm_lightning.tools.device import resolve_device
 from llm_lightning.tools.timing import (
     autocast,
+    peak_memory,
     profile_step,
     random_batches,
     reset_peak_memory,
@@ -46,8 +47,10 @@ from llm_lightning.tools.timing import (
     time_steps,
 )
 from llm_lightning.tools.train_clock import TrainClock
+from llm_lightning.training.parallel.memory import held_bytes, training_memory
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+STRATEGIES = ("single", "ddp", "fsdp")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -67,6 +70,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--mode", default="loop", help="loop (plain PyTorch) or fit (Lightning)")
+    parser.add_argument(
+        "--strategy",
+        default="single",
+        choices=STRATEGIES,
+        help="fit mode: one device, DDP or FSDP2 (default single)",
+    )
+    parser.add_argument("--devices", type=int, default=1, help="fit mode: processes for ddp/fsdp (default 1)")
+    parser.add_argument(
+        "--activation_checkpointing", default="none", choices=("none", "full", "selective"), help="fit mode"
+    )
     parser.add_argument(
         "--num_workers", type=int, help="fit mode: DataLoader workers (default: the data module's)"
     )
@@ -101,6 +114,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num_workers {args.num_workers}: must be 0 or more")
     if args.profile and args.mode != "loop":
         raise UserError("--profile works with --mode loop (the step without Lightning around it)")
+    if args.mode == "loop" and (args.strategy != "single" or args.activation_checkpointing != "none"):
+        raise UserError("--strategy and --activation_checkpointing work with --mode fit")
+    if args.devices < 1 or (args.devices > 1 and args.strategy == "single"):
+        raise UserError(f"--devices {args.devices}: more than 1 needs --strategy ddp or fsdp")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -191,7 +208,7 @@ def run_fit(args: argparse.Namespace, config: ModelConfig, device: torch.device)
         data_options = {} if args.num_workers is None else {"num_workers": args.num_workers}
         datamodule = TextDataModule(
             str(data_dir),
-            batch_size=args.micro_batch_size,
+            batch_size=args.micro_batch_size * args.devices,
             micro_batch_size=args.micro_batch_size,
             **data_options,
         )
@@ -206,16 +223,24 @@ def run_fit(args: argparse.Namespace, config: ModelConfig, device: torch.device)
             warmup_steps=min(10, batches),
             max_steps=batches,
             compile=args.compile,
+            activation_checkpointing=args.activation_checkpointing,
         )
-        timer = TrainClock()
+        timer, memory = TrainClock(), MemoryProbe(step=args.warmup + 1)
         trainer = L.Trainer(
             accelerator=device.type,
-            devices=1,
+            devices=args.devices,
+            strategy=strategy(args.strategy),
             precision=args.precision,
             max_steps=batches,
             gradient_clip_val=1.0,
             log_every_n_steps=100,  # the CLI's default
-            callbacks=[LearningRateMonitor(logging_interval="step"), RunLog(), NonFiniteGuard(), timer],
+            callbacks=[
+                LearningRateMonitor(logging_interval="step"),
+                RunLog(),
+                NonFiniteGuard(),
+                timer,
+                memory,
+            ],
             default_root_dir=tmp,
             logger=TensorBoardLogger(tmp, name="bench"),  # what the CLI gets by default
             enable_checkpointing=False,
@@ -229,7 +254,27 @@ def run_fit(args: argparse.Namespace, config: ModelConfig, device: torch.device)
     starts, ends = timer.starts[args.warmup :], timer.ends[args.warmup :]
     step_times = [later - start for start, later in zip(starts, starts[1:], strict=False)]
     waits = [start - end for end, start in zip(ends, starts[1:], strict=False)]
-    return step_times, sum(waits) / sum(step_times)
+    return step_times, sum(waits) / sum(step_times), memory.held(device), trainer.is_global_zero
+
+
+def strategy(name: str):
+    from llm_lightning.training.parallel import ShardedStrategy
+
+    return {"single": "auto", "ddp": "ddp", "fsdp": ShardedStrategy(tensor_parallel_size=1)}[name]
+
+
+class MemoryProbe(L.Callback):
+    """What this rank holds for parameters, gradients and optimizer state, read once mid-run."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.bytes = step, {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step:  # the optimizer has its state by now
+            self.bytes = held_bytes(pl_module, optimizer)
+
+    def held(self, device: torch.device) -> dict:
+        return {**self.bytes, "peak": peak_memory(device)[0]}
 
 
 # ----------------------------------------------------------------------------- report
@@ -252,6 +297,16 @@ def format_table(result: dict) -> str:
     ]
     if result.get("data_wait_share") is not None:
         rows.append(("data wait", f"{result['data_wait_share']:.2%} of step time"))
+    if result.get("memory_per_rank"):
+        held, formula = result["memory_per_rank"], result["memory_formula"]
+        rows.append(("strategy", f"{result['strategy']} on {result['devices']} process(es)"))
+        for kind in ("parameters", "gradients", "optimizer"):
+            rows.append(
+                (
+                    f"{kind}/rank",
+                    f"{held.get(kind, 0) / 2**20:,.1f} MiB (formula {formula[kind] / 2**20:,.1f})",
+                )
+            )
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     if result.get("profile"):
@@ -268,13 +323,17 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     config = model_config(args)
     reset_peak_memory(device)
-    profile = None
+    profile, memory, estimate, reporter = None, None, None, True
     if args.mode == "loop":
         step = make_loop_step(args, config, device)
         step_times, data_wait = time_steps(step, args.steps, args.warmup, device), None
         profile = profile_step(step, device, args.profile) if args.profile else None
     else:
-        step_times, data_wait = run_fit(args, config, device)
+        step_times, data_wait, memory, reporter = run_fit(args, config, device)
+        estimate = training_memory(
+            config, strategy=args.strategy, devices=args.devices, micro_batch_size=args.micro_batch_size,
+            seq_len=args.seq_len, precision=args.precision, activation_checkpointing=args.activation_checkpointing,
+        )  # fmt: skip
     tokens = args.micro_batch_size * args.seq_len
     result = summarize(step_times, tokens, flops_per_token(config, args.seq_len), device, args.precision)
     result.update(
@@ -289,6 +348,11 @@ def run(args: argparse.Namespace) -> dict:
         warmup=args.warmup,
         data_wait_share=data_wait,
         profile=profile,
+        strategy=args.strategy,
+        devices=args.devices,
+        memory_per_rank=memory,
+        memory_formula=estimate,
+        reporter=reporter,  # rank 0 of a multi-process run, or the only process
     )
     return result
 
@@ -296,6 +360,8 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     result = run(args)
+    if not result["reporter"]:
+        return 0  # another rank of a ddp/fsdp run: rank 0 reports
     print(format_table(result))
     if args.json_path:
         path = Path(args.json_path)

@@ -9,7 +9,10 @@ of `--repeats` runs in a fresh process:
 - the ceiling: the tokenizer alone on the same documents already in memory
   (`tokenizers` `encode_batch_fast`, or tiktoken's batch encode), with 1 and 2 threads;
 - scaling: the same `prepare` on a corpus 10x smaller, to show that time grows with the corpus
-  and peak memory does not.
+  and peak memory does not;
+- input formats (`--formats jsonl.zst parquet`): `prepare` with the most workers on the same
+  documents written as zstd-compressed JSON lines or Parquet (synthetic_corpus.py), so the
+  cost of decompressing and decoding each format shows beside plain files.
 
 Peak memory is the largest resident set (VmHWM) of the main process and, separately, of the
 largest worker process. CPU seconds (main process plus workers) are reported beside wall time:
@@ -40,7 +43,7 @@ from llm_lightning.data.prepare.encode import BATCH_CHARS
 from llm_lightning.data.sources import find_files, iter_pieces
 from llm_lightning.data.tokenizers import KINDS, HFTokenizer, load_tokenizer, train_tokenizer
 from llm_lightning.errors import ArgumentParser, UserError
-from llm_lightning.tools.synthetic_corpus import write_corpus
+from llm_lightning.tools.synthetic_corpus import FORMATS, write_corpus
 
 # ---------------------------------------------------------------------------------------------
 # Measurements, each run in a fresh (spawned) process
@@ -165,6 +168,9 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
     started = time.perf_counter()
     write_corpus(corpora["base"], size, args.seed, args.source)
     write_corpus(corpora["small"], size // 10, args.seed, args.source, part=1)
+    for fmt in args.formats:  # the base corpus's documents again, in another format
+        corpora[fmt] = work / f"corpus_{fmt.replace('.', '_')}"
+        write_corpus(corpora[fmt], size, args.seed, args.source, fmt=fmt)
     _log(
         f"generated corpora of {args.size_mb:g} MB and {args.size_mb / 10:g} MB in {time.perf_counter() - started:.0f} s"
     )
@@ -205,6 +211,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
         "discarded_rounds": discarded,
+        "formats": ["plain", *args.formats],
         "median": medians,
         "runs": runs,
     }
@@ -222,6 +229,8 @@ def _one_round(args: argparse.Namespace, work: Path, corpora: dict[str, Path]) -
             block_chars=16 * 2049,
         )
     round_["prepare_small"] = _prepare(work, corpora["small"], max(args.workers))
+    for fmt in args.formats:
+        round_[f"prepare_{fmt}"] = _prepare(work, corpora[fmt], max(args.workers))
     return round_
 
 
@@ -252,7 +261,7 @@ def _log(message: str) -> None:
 # Report
 
 
-def report(result: dict, workers: list[int]) -> str:
+def report(result: dict, workers: list[int], formats: list[str] = ()) -> str:
     med = result["median"]
     one, many = med[f"prepare_{min(workers)}w"], med[f"prepare_{max(workers)}w"]
     small, ceiling = med["prepare_small"], med["ceiling_2t"]
@@ -270,6 +279,7 @@ def report(result: dict, workers: list[int]) -> str:
         ("tokenizer alone, in memory, 1 thread", med["ceiling_1t"]),
         ("tokenizer alone, in memory, 2 threads", ceiling),
         (f"prepare, {max(workers)} workers, corpus 10x smaller", small),
+        *((f"prepare, {max(workers)} workers, {fmt} input", med[f"prepare_{fmt}"]) for fmt in formats),
     ]
     for name, m in rows:
         memory = f"{m['peak_main_mb']:>14.0f}{m['peak_worker_mb']:>8.0f}" if "peak_main_mb" in m else ""
@@ -315,6 +325,9 @@ def build_parser() -> ArgumentParser:
     add("--train_chars", type=int, default=10_000_000, metavar="N",
         help="characters to train the tokenizer on, once (default: 10,000,000)")
     add("--workers", type=int, nargs="+", default=[1, 2], metavar="N", help="worker counts to time (default: 1 2)")
+    add("--formats", nargs="+", choices=FORMATS, default=[],
+        metavar="FMT", help="also time prepare on the same documents as jsonl.zst or parquet files "
+        "(plain .txt/.md/.jsonl is always timed)")
     add("--repeats", type=int, default=3, metavar="N", help="runs of each measurement; medians are reported (default: 3)")
     add("--seed", type=int, default=0, metavar="N", help="seed of the generated corpus (default: 0)")
     add("--quiet_only", type=float, metavar="CPUS",
@@ -336,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size_mb <= 0 or args.repeats < 1 or min(args.workers) < 1:
         raise UserError("--size_mb, --repeats and --workers must be positive")
     args.workers = sorted(set(args.workers))
+    args.formats = [fmt for fmt in dict.fromkeys(args.formats) if fmt != "plain"]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -343,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(report(result, args.workers))
+    print(report(result, args.workers, args.formats))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

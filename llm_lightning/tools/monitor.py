@@ -1,7 +1,8 @@
 """`llm-lightning monitor --checkpoint_dir DIR`: the state of a run, from its files alone.
 
 Reads `DIR/metrics.jsonl` (written by the RunLog callback during `fit`) and the `*.ckpt` files
-beside it, so it works on a live run, a finished one, or one copied from a cluster. A resumed
+beside it, so it works on a live run, a finished one, or one copied from a cluster. A run on a
+mixture of data folders also gets a val loss row and an epochs row per folder. A resumed
 run appends to the same log: each "start" record opens a new segment, and records of an
 earlier segment past the step the new one started from are dropped (they were redone).
 """
@@ -147,6 +148,15 @@ def _number(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def per_source(record: dict, prefix: str, label: str, spec: str) -> list[tuple[str, str]]:
+    """Rows for each source of a mixture: its val loss, or how many passes over it so far."""
+    return [
+        (label.format(key[len(prefix) :]), _number(value, spec))
+        for key, value in record.items()
+        if key.startswith(prefix)
+    ]
+
+
 def render(folder: Path, state: RunState, now: float | None = None) -> str:
     """The table `monitor` prints."""
     now = time.time() if now is None else now
@@ -173,12 +183,15 @@ def render(folder: Path, state: RunState, now: float | None = None) -> str:
         ("step", progress),
         ("train loss", _number(last_train.get("train/loss"), ".4f")),
         ("val loss", _number(val_loss, ".4f") + (f"  (step {last_val['step']})" if last_val else "")),
+        *per_source(last_val, "val/loss/", "  val loss {}", ".4f"),
         ("perplexity", _number(ppl, ".2f")),
+        *([("bits per byte", _number(last_val["val/bpb"], ".4f"))] if "val/bpb" in last_val else []),
         ("learning rate", _number(last_train.get("lr"), ".3e")),
         ("tokens/s", _number(last_train.get("train/tokens_per_s"), ",.0f")),
     ]
     if last_train.get("train/mfu") is not None:
         rows.append(("MFU", f"{100 * last_train['train/mfu']:.1f}%"))
+    rows += per_source(last_train, "train/epochs/", "epochs of {}", ".2f")
     rows += [("elapsed", _duration(state.elapsed)), ("ETA", eta_text)]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
@@ -206,6 +219,11 @@ def plot(state: RunState, output: Path) -> None:
     train = [r for r in state.train if r.get("train/loss") is not None]
     loss_ax.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train loss", lw=1)
     loss_ax.plot([r["step"] for r in state.val], [r["val/loss"] for r in state.val], "o-", label="val loss")
+    for key in sorted({k for r in state.val for k in r if k.startswith("val/loss/")}):  # a mixture's sources
+        points = [(r["step"], r[key]) for r in state.val if key in r]
+        loss_ax.plot(
+            *zip(*points, strict=True), ".--", lw=1, label=f"val loss {key.removeprefix('val/loss/')}"
+        )
     loss_ax.set_ylabel("loss (nats / token)")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend()

@@ -1,7 +1,10 @@
 """Generated corpora for benchmarks: English-like synthetic text, or runs of a real file's lines.
 
-Documents go, about 30% of them, one per .txt/.md file in nested folders and the rest as 1 MB
-.jsonl files, so a benchmark reads the formats users bring.
+`fmt` "plain": documents go, about 30% of them, one per .txt/.md file in nested folders and
+the rest as 1 MB .jsonl files, so a benchmark reads the formats users bring. "jsonl.zst" and
+"parquet": every document in ~1 MB (of text) files the way hubs ship corpora, zstd-compressed
+JSON lines or Parquet with row groups of `PARQUET_ROWS` rows. The documents are the same in
+every format (same seed, same part), so each format's figures measure the same text.
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llm_lightning.errors import UserError
+
+FORMATS = ("plain", "jsonl.zst", "parquet")
+PARQUET_ROWS = 256  # rows per row group (hub files use more; several groups per file here)
+FILE_BYTES = 1 << 20  # text per .jsonl/.jsonl.zst/.parquet file
 
 _COMMON = """the of and to a in is it you that he was for on are with as I his they be at one have this
 from or had by hot word but what some we can out other were all there when up use your how said an each she
@@ -83,38 +90,56 @@ def source_documents(rng: random.Random, text: str) -> Callable[[], str]:
     return document
 
 
-def write_corpus(folder: Path, size_bytes: int, seed: int, source: Path | None = None, part: int = 0) -> None:
-    """About `size_bytes` of documents: most in 1 MB .jsonl files, the rest one per .txt/.md file.
+def write_corpus(
+    folder: Path, size_bytes: int, seed: int, source: Path | None = None, part: int = 0, fmt: str = "plain"
+) -> None:
+    """About `size_bytes` of documents in format `fmt` (see the module docstring).
 
     `part` picks other documents of the same language (same `seed`).
     """
+    if fmt not in FORMATS:
+        raise UserError(f"--formats: {fmt!r} is not one of {', '.join(FORMATS)}")
     rng = random.Random(f"{seed}-{part}")
     if source:
         make = source_documents(rng, source.read_text(encoding="utf-8"))
     else:
         make = synthetic_documents(rng, vocabulary_seed=seed)
-    written, lines, line_bytes, n = 0, [], 0, 0
+    written, batch, batch_bytes, n = 0, [], 0, 0
     while written < size_bytes:
         doc = make()
         size = len(doc.encode("utf-8"))
-        if rng.random() < 0.3:
+        if rng.random() < 0.3 and fmt == "plain":  # drawn in every format: the same documents
             ext = ".md" if n % 5 == 0 else ".txt"
             path = folder / f"docs/{n % 7}/{n % 3}/doc{n:06d}{ext}"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(doc, encoding="utf-8")
         else:
-            lines.append(json.dumps({"text": doc, "id": n}, ensure_ascii=False))
-            line_bytes += size
-            if line_bytes >= 1 << 20:
-                _write_jsonl(folder, lines)
-                lines, line_bytes = [], 0
+            batch.append({"text": doc, "id": n})
+            batch_bytes += size
+            if batch_bytes >= FILE_BYTES:
+                _write_file(folder, batch, fmt)
+                batch, batch_bytes = [], 0
         written += size
         n += 1
-    if lines:
-        _write_jsonl(folder, lines)
+    if batch:
+        _write_file(folder, batch, fmt)
 
 
-def _write_jsonl(folder: Path, lines: list[str]) -> None:
-    (folder / "jsonl").mkdir(parents=True, exist_ok=True)
-    index = len(list((folder / "jsonl").iterdir()))
-    (folder / "jsonl" / f"part{index:05d}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+def _write_file(folder: Path, rows: list[dict], fmt: str) -> None:
+    kind = "parquet" if fmt == "parquet" else "jsonl"
+    (folder / kind).mkdir(parents=True, exist_ok=True)
+    path = (
+        folder / kind / f"part{len(list((folder / kind).iterdir())):05d}.{'jsonl' if fmt == 'plain' else fmt}"
+    )
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=PARQUET_ROWS)
+        return
+    data = ("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n").encode("utf-8")
+    if fmt == "jsonl.zst":
+        import zstandard
+
+        data = zstandard.ZstdCompressor(level=3).compress(data)
+    path.write_bytes(data)

@@ -14,9 +14,12 @@ resume applies what the command says.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,7 +31,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from llm_lightning.data.datamodule import TextDataModule
 from llm_lightning.errors import UserError
-from llm_lightning.io.checkpoint import BEST, LAST, load_checkpoint, model_config
+from llm_lightning.io.atomic import AtomicFolder
+from llm_lightning.io.checkpoint import BEST, LAST, consolidate, is_sharded, read_config
 from llm_lightning.model import PRESETS
 from llm_lightning.training.callbacks import (
     AtomicCheckpointIO,
@@ -43,6 +47,8 @@ from llm_lightning.training.callbacks import (
     StopOnSignal,
 )
 from llm_lightning.training.module import MODEL_FLAGS, LanguageModel
+from llm_lightning.training.parallel import ShardedStrategy
+from llm_lightning.training.parallel.parallelize import check_tensor_parallel_size
 from llm_lightning.training.throughput import cpu_has_fast_bf16
 
 
@@ -84,6 +90,20 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer, pl_module) -> None:
         rank_zero_info(f"wrote {self._windows} windows' loss and greedy accuracy to {self.output}")
+
+
+def _is_sharded_strategy(strategy) -> bool:
+    class_path = strategy.get("class_path", "") if hasattr(strategy, "get") else str(strategy)
+    return class_path.endswith(("ShardedStrategy", "ModelParallelStrategy"))
+
+
+def consolidated_copy(folder: Path) -> Path:
+    """A sharded checkpoint as one temporary file, for strategies that read files (one device, DDP)."""
+    target = Path(tempfile.mkdtemp(prefix="llm-lightning-")) / f"{folder.name}"
+    atexit.register(shutil.rmtree, target.parent, True)
+    torch.save(consolidate(folder), target)
+    rank_zero_info(f"--ckpt_path {folder}: a sharded checkpoint, consolidated for this strategy")
+    return target
 
 
 class LLMCLI(LightningCLI):
@@ -135,9 +155,10 @@ class LLMCLI(LightningCLI):
             return
         if section["model"].get("init_from"):
             raise UserError("--model.init_from and --ckpt_path both give the starting weights; pass one")
-        # mmap: every rank reads only the config, not gigabytes of optimizer state
-        saved = model_config(load_checkpoint(path, mmap=True)).architecture()
+        saved = read_config(path).architecture()  # not the weights: every rank does this
         self._check_shape_flags(section["model"], saved, path)
+        if is_sharded(path) and not _is_sharded_strategy(section["trainer"].get("strategy")):
+            section["ckpt_path"] = str(consolidated_copy(path))
         values = {name: saved[name] for name in MODEL_FLAGS if name in saved}
         self.config = self.parser.parse_object(
             {subcommand: {"model": {"preset": None, **values}}}, self.config
@@ -154,6 +175,7 @@ class LLMCLI(LightningCLI):
                 raise UserError(f"--ckpt_path {ckpt_path}: no such file; give a .ckpt file, last or best")
             return path
         path = dirpath / named[ckpt_path]
+        AtomicFolder.recover(path)  # a sharded save killed between its two renames
         if path.exists():
             return path
         if subcommand == "fit" and ckpt_path == "last":  # a first run under a requeueing scheduler
@@ -181,6 +203,18 @@ class LLMCLI(LightningCLI):
                     "comes from the checkpoint; drop the flag (or start a new run without --ckpt_path)"
                 )
 
+    def before_fit(self) -> None:
+        """A new run never writes over another run's checkpoints: resume it, or choose another folder."""
+        if self.config.fit.get("ckpt_path"):
+            return
+        dirpath = Path(self.config.fit.checkpoint.dirpath)
+        found = sorted(p.name for p in dirpath.glob("*.ckpt")) if dirpath.is_dir() else []
+        if found:
+            raise UserError(
+                f"--checkpoint.dirpath {dirpath} already holds a run's checkpoints ({', '.join(found[:3])}"
+                f"{' ...' if len(found) > 3 else ''}); resume it with --ckpt_path last, or choose another folder"
+            )
+
     # ----------------------------------------------------------------- trainer
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "checkpoint")
@@ -202,6 +236,10 @@ class LLMCLI(LightningCLI):
             callbacks.append(StepProgressBar())
         kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
+        if isinstance(trainer.strategy, ShardedStrategy):  # before other processes start: one clear line
+            check_tensor_parallel_size(
+                self.model.config, trainer.strategy.tensor_parallel_size(trainer.num_devices)
+            )
         # Set here rather than as a `plugins` default: a plugin instance cannot be saved in config.yaml.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -224,8 +262,13 @@ def quiet_lightning() -> None:
     """Keep a fit's output to what a user acts on (each item named, nothing silenced wholesale)."""
     for handler in logging.getLogger("lightning.pytorch").handlers:
         handler.addFilter(_DropNoise())
+    # 2D meshes: the gradient norm's partial sums are reduced over both mesh dimensions, which
+    # torch calls "suboptimal" on every step; once per step it is not worth a flattened mesh.
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     # Lightning 2.6 still builds a torch pytree LeafSpec; torch 2.13 deprecates that. Not ours to fix.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    # A fresh fit refuses a folder that holds checkpoints (before_fit): this is a resume's folder.
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
 
 def run_lightning_cli(argv: list[str] | None = None) -> LLMCLI:

@@ -15,8 +15,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm_lightning.data import sources
-from llm_lightning.data.sources import DEFAULT_EXTENSIONS, find_files, iter_pieces, read_documents
+from llm_lightning.data.sources import (
+    DEFAULT_EXTENSIONS,
+    find_files,
+    iter_pieces,
+    parquet,
+    read_documents,
+    streams,
+    text,
+)
 from llm_lightning.errors import UserError
 
 pa = pytest.importorskip("pyarrow")
@@ -82,9 +89,9 @@ CONTENT = {".txt": TEXT, ".md": TEXT, ".json": JSON, ".jsonl": JSONL}
 @pytest.mark.parametrize("keep", [True, False], ids=["read-once", "checked-then-streamed"])
 def test_compressed_files_give_the_pieces_of_the_plain_file(tmp_path, monkeypatch, fmt, suffix, keep):
     if not keep:  # a large file: checked in one pass, streamed in a second, in small chunks
-        monkeypatch.setattr(sources, "_KEEP_DECOMPRESSED", 0)
-        monkeypatch.setattr(sources, "_READ_CHUNK", 7)
-        monkeypatch.setattr(sources, "_CHECK_CHUNK", 5)
+        monkeypatch.setattr(text, "_KEEP_DECOMPRESSED", 0)
+        monkeypatch.setattr(text, "_READ_CHUNK", 7)
+        monkeypatch.setattr(text, "_CHECK_CHUNK", 5)
     raw = CONTENT[fmt].encode()
     write(tmp_path / "plain" / f"a{fmt}", raw)
     packed = write(tmp_path / "packed" / f"a{fmt}{suffix}", COMPRESS[suffix](raw))
@@ -106,7 +113,7 @@ def test_compressed_documents_match_the_plain_ones_exactly(tmp_path):
 
 
 def test_zstd_frames_skippable_frames_and_streams_without_a_size(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "_ZSTD_INPUT", 3)  # frame and block boundaries inside reads
+    monkeypatch.setattr(streams, "_ZSTD_INPUT", 3)  # frame and block boundaries inside reads
     data = JSONL.encode()
     half = len(data) // 2
     skippable = struct.pack("<II", 0x184D2A50, 4) + b"meta"
@@ -203,11 +210,11 @@ def test_parquet_is_read_one_row_group_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(pq, "read_table", whole)
     stream = iter_pieces(tmp_path, ["a.parquet"])
     assert next(stream).text == rows[0]
-    assert len(calls) == 1 and batches == [sources._PARQUET_BATCH_ROWS]  # only what was needed so far
+    assert len(calls) == 1 and batches == [parquet._PARQUET_BATCH_ROWS]  # only what was needed so far
     assert [p.text for p in stream] == rows[1:]
     assert [c["row_groups"] for c in calls] == [[0], [1], [2], [3]]
     assert all(c["columns"] == ["text"] for c in calls)  # the text column only
-    assert max(batches) <= sources._PARQUET_BATCH_ROWS and sum(batches) == 1000
+    assert max(batches) <= parquet._PARQUET_BATCH_ROWS and sum(batches) == 1000
 
 
 # --- memory --------------------------------------------------------------------------------------
@@ -400,7 +407,7 @@ def test_skip_mode_skips_and_records_each_bad_file_or_row(tmp_path, cases):
 
 @pytest.mark.parametrize("suffix", [".gz", ".zst"])
 def test_a_text_file_bad_near_its_end_gives_out_nothing_when_skipped(tmp_path, monkeypatch, suffix):
-    monkeypatch.setattr(sources, "_KEEP_DECOMPRESSED", 0)
+    monkeypatch.setattr(text, "_KEEP_DECOMPRESSED", 0)
     data = TEXT_BYTES + b"caf\xe9\n"
     write(tmp_path / f"late{suffix[:-1]}.txt{suffix}", COMPRESS[suffix](data))
     write(tmp_path / f"cut.txt{suffix}", COMPRESS[suffix](TEXT_BYTES)[:-50])

@@ -130,10 +130,12 @@ def test_validate_on_two_ranks_equals_one_rank(ddp_run, prepared_dir, tmp_path):
 # ------------------------------------------------------------------------------ two nodes with torchrun
 def test_torchrun_two_nodes_on_loopback(ddp_run, prepared_dir, tmp_path):
     """configs/cluster/torchrun_multinode.sh on two simulated nodes, one process each."""
+    config = tmp_path / "defaults.yaml"  # the script needs a config; ddp_run used none (no recipe)
+    config.write_text("seed_everything: 1337\n")
     env = {
         **os.environ, **DIST_ENV, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-        "RUN_ID": "test-two-nodes", "CONFIG": "configs/tiny.yaml", "RUN_DIR": str(tmp_path),
+        "RUN_ID": "test-two-nodes", "CONFIG": str(config), "RUN_DIR": str(tmp_path),
         "DATA_DIR": str(prepared_dir),
     }  # fmt: skip
     flags = [*map(str, train_flags(prepared_dir))]

@@ -49,6 +49,15 @@ def build_row_inputs(row: dict, places: dict[str, Path]) -> None:
         )
 
 
+def run_before(row: dict, places: dict[str, Path], capsys) -> None:
+    """The row's `before:` command lines (each must succeed), then its `remove:` paths."""
+    for command in row.get("before", []):
+        code, stderr = run_in_process([fill(arg, places) for arg in command], capsys)
+        assert code == 0, stderr[-3000:]
+    for path in row.get("remove", []):
+        shutil.rmtree(fill(path, places))
+
+
 def run_in_process(args: list[str], capsys) -> tuple[int, str]:
     """The real entry point, in this process (a subprocess per row would cost minutes)."""
     capsys.readouterr()
@@ -70,6 +79,7 @@ def test_bad_input_gets_one_clear_line(
     for key, value in row.get("env", {}).items():
         monkeypatch.setenv(key, fill(value, places))
     monkeypatch.chdir(tmp_path)
+    run_before(row, places, capsys)
     code, stderr = run_in_process(args, capsys)  # an unexpected exception fails the test here
     lines = stderr.strip().splitlines()
     assert code == 2, stderr[-3000:]

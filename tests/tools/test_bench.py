@@ -60,6 +60,7 @@ def test_bad_bench_flags_raise_user_errors(args, message):
         bench.main([*TINY, *args])
 
 
+@pytest.mark.slow  # tests/e2e/bad_inputs.yaml holds the default suite's device rows
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_a_gpu_is_one_line_and_exit_2():
     result = run_cli("bench", *TINY, "--device", "cuda")

@@ -88,6 +88,7 @@ def fake_checkpoint(path: Path, kind: str, tie_embeddings: bool) -> tuple[Path, 
         {
             "state_dict": state,
             "hyper_parameters": hparams,
+            "llm_lightning_format": 2,
             "TextDataModule": {"tokenizer_files": tokenizer.files()},
         },
         path,
@@ -125,6 +126,7 @@ def test_init_from_an_exported_folder(exported, trained, tmp_path):
         load_hf_weights(fresh, tmp_path)
 
 
+@pytest.mark.slow  # an extra: the default suite checks the exported logits against transformers
 def test_validate_with_init_from_gives_the_checkpoint_loss(exported, run_dir, prepared_dir, tmp_path):
     """Continued pretraining through the CLI: the exported weights start the run."""
     result = run_cli(
@@ -153,3 +155,19 @@ def test_validate_with_init_from_gives_the_checkpoint_loss(exported, run_dir, pr
     val = recorded(tmp_path / "metrics.jsonl")
     trained_val = [r for r in monitor.read_records(run_dir / "metrics.jsonl") if r["event"] == "val"]
     assert val[-1]["val/loss"] == pytest.approx(trained_val[-1]["val/loss"], abs=1e-4)
+
+
+def test_overwrite_replaces_only_an_earlier_export(exported, tmp_path, run_dir):
+    """--overwrite on a folder of someone's files (or the checkpoints' own) refuses and touches nothing."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "config.json").write_text("{}")
+    for folder in (mine, run_dir):
+        before = sorted(p.name for p in folder.iterdir())
+        with pytest.raises(UserError, match="not an earlier export"):
+            export(run_dir / "last.ckpt", folder, overwrite=True)
+        assert sorted(p.name for p in folder.iterdir()) == before
+    assert (mine / "notes.txt").read_text() == "my notes"
+    again = export(run_dir / "last.ckpt", exported, overwrite=True)  # an earlier export: replaced
+    assert (again / "model.safetensors").is_file()

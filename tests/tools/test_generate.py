@@ -118,3 +118,36 @@ def test_bad_device_is_a_user_error():
     with pytest.raises(UserError, match="--device"):
         resolve_device("banana")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_a_prompt_of_only_whitespace_on_wordpiece_starts_from_end_of_text(tmp_path, capsys):
+    """WordPiece encodes " " to no tokens: generation starts from end-of-text instead of failing."""
+    from llm_lightning.tools import generate as generate_tool
+    from tests.tools.test_export import fake_checkpoint
+
+    path, _ = fake_checkpoint(tmp_path / "wp.ckpt", "wordpiece", tie_embeddings=False)
+    assert (
+        generate_tool.main(
+            ["--ckpt_path", str(path), "--prompt", " ", "--max_new_tokens", "5", "--seed", "0"]
+        )
+        == 0
+    )
+    assert "tokens in" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_generate_is_one_line(run_dir):
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llm_lightning", "generate", "--ckpt_path", str(run_dir / "last.ckpt"),
+         "--max_new_tokens", "1000000", "--temperature", "1.0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    process.stdout.read(20)  # it is generating
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2, stderr
+    assert stderr.strip().splitlines()[-1].startswith("llm-lightning: error: generate: stopped by Ctrl-C")
+    assert "Traceback" not in stderr

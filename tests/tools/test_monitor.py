@@ -51,3 +51,53 @@ def test_monitor_missing_folder_or_log_is_a_user_error(tmp_path):
         monitor.main(["--checkpoint_dir", str(tmp_path / "nope")])
     with pytest.raises(UserError, match="metrics.jsonl"):
         monitor.main(["--checkpoint_dir", str(tmp_path)])
+
+
+def row(table: str, name: str) -> str:
+    """The value of one row of monitor's table."""
+    return next(line[len(name) :].strip() for line in table.splitlines() if line.startswith(name + " "))
+
+
+def write_log(folder, *records) -> None:
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+START = {"event": "start", "step": 0, "max_steps": 100, "tokens_per_step": 1000, "time": 0, "elapsed": 0}
+TRAIN = {"event": "train", "step": 40, "train/loss": 3.0, "lr": 1e-3, "time": 40, "elapsed": 40}
+
+
+@pytest.mark.parametrize(
+    "end, expected",
+    [
+        ({"reason": "max_time"}, "stopped: --trainer.max_time reached at step 40"),
+        ({"reason": "interrupted"}, "stopped by a signal (SIGTERM/SIGINT), state saved at step 40"),
+        ({"reason": "nonfinite"}, "stopped: the loss became NaN/inf at step 40"),
+        (
+            {"reason": "error", "message": "RuntimeError: out of memory"},
+            "stopped by an error at step 40: RuntimeError",
+        ),
+    ],
+)
+def test_monitor_says_how_a_run_ended_and_shows_no_eta(tmp_path, end, expected):
+    write_log(tmp_path, START, TRAIN, {"event": "end", "step": 40, "time": 41, **end})
+    table = monitor.render(tmp_path, monitor.load_state(tmp_path), now=1000)
+    assert row(table, "status").startswith(expected)
+    assert row(table, "ETA") == "-"
+    monitor.follow(tmp_path, None, interval=0.01)  # returns at once: the run has ended
+
+
+def test_monitor_tells_a_running_run_from_a_silent_one(tmp_path):
+    write_log(tmp_path, START, TRAIN)
+    assert "status         running" in monitor.render(tmp_path, monitor.load_state(tmp_path), now=50).replace(
+        "  ", " "
+    ) or ("running" in monitor.render(tmp_path, monitor.load_state(tmp_path), now=50))
+    silent = monitor.render(tmp_path, monitor.load_state(tmp_path), now=40 + 3600)
+    assert "not updating for 1:00:00 (crashed or killed?)" in silent
+    write_log(
+        tmp_path,
+        START,
+        TRAIN,
+        {"event": "end", "step": 40, "time": 41, "reason": "finished"},
+        {**START, "step": 40, "time": 50},
+    )  # fmt: skip  - resumed: running again
+    assert row(monitor.render(tmp_path, monitor.load_state(tmp_path), now=60), "status") == "running"

@@ -132,7 +132,7 @@ def check_interrupted(process: subprocess.Popen, signum: int, ckpts: Path) -> in
     return step
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_signal_finishes_the_step_saves_and_resumes_exactly(signum, prepared_dir, tmp_path, straight):
     ckpts = tmp_path / "ckpts"
     process = start_fit(prepared_dir, ckpts)
@@ -144,6 +144,7 @@ def test_a_signal_finishes_the_step_saves_and_resumes_exactly(signum, prepared_d
     assert_same_weights(straight / "last.ckpt", ckpts / "last.ckpt")
 
 
+@pytest.mark.slow  # an extra beside the default suite's check of the same contract
 def test_a_second_signal_stops_at_once(prepared_dir, tmp_path):
     ckpts = tmp_path / "ckpts"
     process = start_fit(prepared_dir, ckpts, "--model.max_steps", "100000", "--trainer.max_steps", "100000")

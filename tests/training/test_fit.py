@@ -75,6 +75,7 @@ def test_resume_is_exact(prepared_dir, tmp_path):
     assert val(straight) == val(split)
 
 
+@pytest.mark.slow  # the default suite checks it across processes (tests/distributed/test_ddp.py)
 def test_gradient_accumulation_matches_one_big_batch(prepared_dir, tmp_path):
     """batch 8 as micro 4 x 2 gives the same update as micro 8 (up to fp32 summation order)."""
     big, accumulated = tmp_path / "big" / "ckpt", tmp_path / "acc" / "ckpt"
@@ -93,6 +94,7 @@ def unigram_entropy(data_dir: Path) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+@pytest.mark.slow  # an extra beside the default suite's check of the same contract
 def test_model_learns_far_below_unigram_entropy(prepared_dir, tmp_path):
     ckpts = tmp_path / "checkpoints"
     result = fit(prepared_dir, ckpts, steps=60)
@@ -106,9 +108,10 @@ def test_model_learns_far_below_unigram_entropy(prepared_dir, tmp_path):
     "args, message",
     [
         (["--data.batch_size", "10", "--data.micro_batch_size", "4"], "--data.batch_size 10"),
-        (["--data.data_dir", "/nonexistent/data"], "/nonexistent/data"),
-        (["--model.num_heads", "3"], "num_heads"),
-        (["--eval_interval", "0"], "--eval_interval"),
+        # the rest as extras: tests/e2e/bad_inputs.yaml covers each kind in the default suite
+        pytest.param(["--data.data_dir", "/nonexistent/data"], "/nonexistent/data", marks=pytest.mark.slow),
+        pytest.param(["--model.num_heads", "3"], "num_heads", marks=pytest.mark.slow),
+        pytest.param(["--eval_interval", "0"], "--eval_interval", marks=pytest.mark.slow),
     ],
 )
 def test_bad_training_input_is_one_line_and_exit_2(prepared_dir, tmp_path, args, message):
@@ -128,3 +131,30 @@ def test_bad_training_input_is_one_line_and_exit_2(prepared_dir, tmp_path, args,
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "ckpt").glob("*.ckpt")) if (tmp_path / "ckpt").exists() else True
+
+
+def test_val_bpb_is_the_val_losses_in_bits_per_utf8_byte(run_dir, prepared_dir):
+    """val/bpb = sum of val token losses / (ln 2 x UTF-8 bytes of the val text), and prepare
+    counts those bytes right (checked by decoding val.bin, document by document)."""
+    from llm_lightning.data.format import read_metadata, split_files
+    from llm_lightning.data.tokenizers import load_tokenizer
+
+    metadata, tokenizer = read_metadata(prepared_dir), load_tokenizer(prepared_dir)
+    (val_file,) = split_files(prepared_dir, metadata, "val")
+    tokens = np.fromfile(val_file, dtype=metadata["dtype"]).tolist()
+    documents, start = [], 0
+    for i, token in enumerate(tokens):
+        if token == metadata["eos_id"]:
+            documents.append(tokens[start:i])
+            start = i + 1
+    text_bytes = sum(len(tokenizer.decode(doc).encode("utf-8")) for doc in documents)
+    assert text_bytes == metadata["num_bytes"]["val"]
+
+    val = records(run_dir, "val")[-1]
+    scored = len(tokens) - 1  # every val token but the first is predicted once
+    by_hand = val["val/loss"] * scored / (math.log(2) * text_bytes)
+    # The logged value counts the scored tokens' share of the bytes (1 token in `scored` fewer).
+    assert val["val/bpb"] == pytest.approx(by_hand * len(tokens) / scored, rel=1e-6)
+    assert val["val/bpb"] == pytest.approx(by_hand, rel=2 / scored)
+    shown = run_cli("monitor", "--checkpoint_dir", run_dir)
+    assert f"{val['val/bpb']:.4f}" in shown.stdout

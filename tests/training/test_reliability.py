@@ -33,6 +33,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
+@pytest.mark.slow  # the default suite kills a sharded save (tests/distributed/test_sharded.py)
 def test_kill_9_then_resume_from_last_matches_an_uninterrupted_run(prepared_dir, tmp_path):
     """A real SIGKILL mid-run; `fit --ckpt_path last` finishes with the weights of a clean run."""
     straight, killed = tmp_path / "straight" / "ckpt", tmp_path / "killed" / "ckpt"
@@ -100,6 +101,7 @@ def test_nonfinite_loss_stops_with_a_pointer_to_the_last_good_checkpoint(prepare
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # an extra beside the default suite's check of the same contract
 def test_nonfinite_skip_mode_trains_on(prepared_dir, tmp_path):
     result = fit(
         prepared_dir,
@@ -121,6 +123,7 @@ def test_nonfinite_skip_mode_trains_on(prepared_dir, tmp_path):
     assert all(torch.isfinite(w).all() for w in checkpoint["state_dict"].values())
 
 
+@pytest.mark.slow  # an extra beside the default suite's check of the same contract
 def test_checkpoint_from_other_data_is_a_clear_error(prepared_dir, tmp_path):
     """A checkpoint whose vocabulary differs from the data's: one line, exit 2."""
     ckpt = tmp_path / "ckpt"
@@ -142,7 +145,14 @@ def test_checkpoint_from_other_data_is_a_clear_error(prepared_dir, tmp_path):
     assert "vocab_size" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"", marks=pytest.mark.slow),
+        pytest.param(b"not a checkpoint at all", marks=pytest.mark.slow),
+        None,
+    ],
+)
 def test_corrupt_or_truncated_checkpoint_is_a_clear_error(prepared_dir, tmp_path, content):
     bad = tmp_path / "bad.ckpt"
     if content is None:  # truncated: the first half of a real checkpoint

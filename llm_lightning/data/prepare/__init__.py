@@ -3,7 +3,7 @@
 The pipeline, each step streaming so that the corpus is never in memory:
 
 1. options.py: check every flag and the input and output folders before anything is written.
-2. read.py: read the files as pieces (sources.py), decide each piece's split by a seeded hash,
+2. read.py: read the files as pieces (data/sources/), decide each piece's split by a seeded hash,
    and train the tokenizer on a seeded sample of the train split (or load one).
 3. encode.py: encode with `--num_workers` processes, in input order, so the output is the
    same for any worker count.
@@ -13,6 +13,13 @@ The pipeline, each step streaming so that the corpus is never in memory:
 Everything is written into a work folder beside OUT (io.atomic.AtomicFolder), metadata.json
 last, and renamed to OUT at the end: a killed run never leaves an OUT that looks complete, and
 an old OUT (replaced only with --overwrite) stays intact until then.
+
+Across machines (a job array): `--tokenizer_only` writes just the tokenizer, trained on the
+same sample a whole prepare would use; then `--num_shards N --shard_index I --tokenizer TOK`
+writes shard I (read.py says which files or documents) as a complete prepared folder
+OUT/shard-I-of-N, and `llm-lightning merge-shards` describes the N of them as one folder
+(format.py). Replacing a shard of a merged OUT removes OUT/metadata.json when the new shard is
+in place: the merge must be redone.
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ import os
 import time
 from pathlib import Path
 
-from llm_lightning.data.format import split_file, token_dtype, write_metadata
+from llm_lightning.data.format import METADATA_FILE, split_file, token_dtype, write_metadata
 from llm_lightning.data.prepare.options import (
     PrepareOptions,
     check_options,
     check_output,
+    check_shard_output,
     default_stride,
     options_from_argv,
+    output_folder,
 )
 from llm_lightning.data.prepare.progress import report
 from llm_lightning.data.prepare.read import Corpus, get_tokenizer
@@ -48,13 +57,20 @@ def prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, **optio
 
 
 def run(input_dir: Path, output_dir: Path, opts: PrepareOptions) -> Path:
+    """Prepare into `output_dir` (its shard folder for a sharded prepare); return the folder written."""
     started = time.perf_counter()
     kind = check_options(opts)
     files = find_files(input_dir, normalize_extensions(opts.extensions))
-    check_output(input_dir, output_dir, opts.overwrite)
+    target = output_folder(output_dir, opts)
+    if target == output_dir:
+        check_output(input_dir, output_dir, opts.overwrite)
+    else:
+        check_shard_output(input_dir, output_dir, target, opts.overwrite)
     corpus = Corpus(input_dir, files, opts)
+    if opts.tokenizer_only:
+        return save_tokenizer(kind, corpus, output_dir, opts)
     stride = opts.stride or default_stride(opts.max_length)
-    with AtomicFolder(output_dir) as folder:
+    with AtomicFolder(target) as folder:
         tok, tokenizer_info = get_tokenizer(kind, corpus, opts)
         tok.save(folder.work)
         counts = encode_corpus(tok, corpus, folder.work, opts)
@@ -76,13 +92,29 @@ def run(input_dir: Path, output_dir: Path, opts: PrepareOptions) -> Path:
             "extensions": list(normalize_extensions(opts.extensions)),
             "text_field": opts.text_field,
             "input_dir": str(input_dir.resolve()),
-            "num_files": len(files),
-            "sources": files,
+            "num_files": len(corpus.files),
+            "sources": corpus.files,
             "skipped": corpus.skipped,
+            **({"shard": corpus.shard} if corpus.shard else {}),
         }
         write_metadata(folder.work, metadata)  # last: its presence means "complete"
+        if target != output_dir:  # a merge of the old shards no longer describes OUT
+            (output_dir / METADATA_FILE).unlink(missing_ok=True)
         folder.commit()
-    report(output_dir, metadata, opts.vocab_size, time.perf_counter() - started)
+    report(target, metadata, opts.vocab_size, time.perf_counter() - started)
+    return target
+
+
+def save_tokenizer(kind: str, corpus: Corpus, output_dir: Path, opts: PrepareOptions) -> Path:
+    """--tokenizer_only: the tokenizer a whole prepare would train, alone in `output_dir`."""
+    with AtomicFolder(output_dir) as folder:
+        tok, info = get_tokenizer(kind, corpus, opts)
+        tok.save(folder.work)
+        folder.commit()
+    print(
+        f"saved a {tok.kind} tokenizer of {tok.vocab_size:,} tokens (trained on {info['trained_on_chars']:,} "
+        f"characters) to {output_dir}; prepare the shards with --tokenizer {output_dir}"
+    )
     return output_dir
 
 

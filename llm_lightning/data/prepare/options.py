@@ -5,13 +5,15 @@ Everything here is checked before anything is read or written.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_lightning.data.format import METADATA_FILE
+from llm_lightning.data.format import METADATA_FILE, is_merged, shard_name
 from llm_lightning.data.sources import DEFAULT_EXTENSIONS, ON_BAD_INPUT
 from llm_lightning.data.tokenizers import KINDS, check_kind, check_vocab_size
+from llm_lightning.data.tokenizers.base import META_JSON
 from llm_lightning.errors import ArgumentParser, UserError
 
 DEFAULT_TOKENIZER_TYPE = "bpe"
@@ -54,6 +56,9 @@ class PrepareOptions:
     on_bad_input: str = "error"
     overwrite: bool = False
     tokenizer_train_chars: int = DEFAULT_TOKENIZER_TRAIN_CHARS
+    num_shards: int | None = None  # None: one output; N: write 1/N of the corpus to OUT/shard-I-of-N
+    shard_index: int | None = None
+    tokenizer_only: bool = False  # train and save the tokenizer, nothing else
     block_chars: int | None = None  # None: default_block_chars(max_length); no flag
     progress: bool | None = None  # None: progress bars only when stderr is a terminal; no flag
 
@@ -78,6 +83,7 @@ def check_options(opts: PrepareOptions) -> str:
         raise UserError(f"--tokenizer_train_chars must be at least 1, not {opts.tokenizer_train_chars}")
     if opts.block_chars is not None and opts.block_chars < 1:
         raise UserError(f"block_chars must be at least 1, not {opts.block_chars}")
+    check_shard_options(opts)
     kind = opts.tokenizer_type
     if kind is not None:
         check_kind(kind)
@@ -92,6 +98,35 @@ def check_options(opts: PrepareOptions) -> str:
     kind = kind or DEFAULT_TOKENIZER_TYPE
     check_vocab_size(kind, opts.vocab_size or DEFAULT_VOCAB_SIZE)
     return kind
+
+
+def check_shard_options(opts: PrepareOptions) -> None:
+    """--num_shards/--shard_index go together and need a tokenizer made beforehand."""
+    if opts.tokenizer_only and (opts.tokenizer is not None or opts.tiktoken_encoding is not None):
+        raise UserError("--tokenizer_only trains a tokenizer; drop --tokenizer/--tiktoken_encoding")
+    if opts.num_shards is None:
+        if opts.shard_index is not None:
+            raise UserError("--shard_index needs --num_shards (how many shards the corpus is cut into)")
+        return
+    if opts.tokenizer_only:
+        raise UserError(
+            "--tokenizer_only makes the one tokenizer all shards share; drop --num_shards/--shard_index"
+        )
+    if opts.num_shards < 1:
+        raise UserError(f"--num_shards must be at least 1, not {opts.num_shards}")
+    if opts.shard_index is None:
+        raise UserError(
+            f"--num_shards {opts.num_shards} needs --shard_index, which shard: 0 to {opts.num_shards - 1}"
+        )
+    if not 0 <= opts.shard_index < opts.num_shards:
+        raise UserError(
+            f"--shard_index {opts.shard_index} must be from 0 to --num_shards - 1 = {opts.num_shards - 1}"
+        )
+    if opts.tokenizer is None and opts.tiktoken_encoding is None:
+        raise UserError(
+            f"--num_shards {opts.num_shards}: every shard must use the same tokenizer; make it first with "
+            "`llm-lightning prepare --tokenizer_only --output_dir TOK ...` and pass --tokenizer TOK"
+        )
 
 
 def check_output(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
@@ -109,16 +144,50 @@ def check_output(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
         return  # an empty folder is simply filled
     if not overwrite:
         raise UserError(f"--output_dir {output_dir} already exists; pass --overwrite to replace it")
-    if not (target / METADATA_FILE).is_file():
+    if not (target / METADATA_FILE).is_file() and not (target / META_JSON).is_file():
         raise UserError(
             f"--output_dir {output_dir} is not empty and is not a prepare output (no {METADATA_FILE}); "
-            "--overwrite only replaces a prepare output; choose another folder"
+            "--overwrite only replaces a prepare output or a tokenizer folder; choose another folder"
         )
     if target in source.parents:
         raise UserError(
             f"--input_dir {input_dir} is inside --output_dir {output_dir}, which --overwrite would delete; "
             "move the input or choose another output folder"
         )
+
+
+def output_folder(output_dir: Path, opts: PrepareOptions) -> Path:
+    """Where this run writes: OUT, or OUT/shard-I-of-N for one shard of a sharded prepare."""
+    if opts.num_shards is None:
+        return output_dir
+    return output_dir / shard_name(opts.shard_index, opts.num_shards)
+
+
+def check_shard_output(input_dir: Path, output_dir: Path, shard: Path, overwrite: bool) -> None:
+    """OUT holds the shards (and once merged, their merged metadata); the shard is an output of its own."""
+    source, target = input_dir.resolve(), output_dir.resolve()
+    if target == source or source in target.parents:
+        check_output(input_dir, output_dir, overwrite)  # says why
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file; choose a folder")
+    if (target / METADATA_FILE).is_file():
+        if not _merged(target / METADATA_FILE):
+            raise UserError(
+                f"--output_dir {output_dir} holds an unsharded prepare output; give the shards a folder of their own"
+            )
+        if not overwrite:
+            raise UserError(
+                f"--output_dir {output_dir} is already merged; pass --overwrite to replace {shard.name} "
+                "(then run merge-shards again)"
+            )
+    check_output(input_dir, shard, overwrite)
+
+
+def _merged(path: Path) -> bool:
+    try:
+        return is_merged(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def build_parser() -> ArgumentParser:
@@ -166,6 +235,13 @@ def build_parser() -> ArgumentParser:
     add("--tokenizer_train_chars", type=int, default=DEFAULT_TOKENIZER_TRAIN_CHARS, metavar="N",
         help="train the tokenizer on at most this many characters, sampled evenly over the train split "
         f"(default: {DEFAULT_TOKENIZER_TRAIN_CHARS:,})")
+    add("--tokenizer_only", action="store_true",
+        help="train and save only the tokenizer (on the same seeded sample), for the shards of a sharded "
+        "prepare to share with --tokenizer")
+    add("--num_shards", type=int, metavar="N",
+        help="prepare 1/N of the corpus (by file; by document when there are fewer files than N) into "
+        "OUT/shard-I-of-N; needs --tokenizer; `llm-lightning merge-shards` then joins the N shards")
+    add("--shard_index", type=int, metavar="I", help="which shard, 0..N-1 (e.g. $SLURM_ARRAY_TASK_ID)")
     # fmt: on
     return parser
 

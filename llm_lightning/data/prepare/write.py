@@ -1,7 +1,10 @@
 """Writing: both splits' token files, each document followed by the end-of-text id.
 
 If val ends up shorter than one window of max_length+1 tokens, whole pieces from the end of
-train are moved to val. The caller writes into a work folder (io.atomic.AtomicFolder) that is
+train are moved to val, except in a shard of a sharded prepare: moving pieces there would make
+the shards differ from one prepare of the whole corpus (whose val is the union of theirs, so it
+needs no top-up when each shard's val holds a window), so a shard that short is an error that
+says to use fewer shards. The caller writes into a work folder (io.atomic.AtomicFolder) that is
 renamed into place only when complete.
 """
 
@@ -137,7 +140,16 @@ def encode_corpus(tok: Tokenizer, corpus: Corpus, work: Path, opts: PrepareOptio
                 )
         train.finish()
         val.finish()
-        moved = train.move_tail(val, window - val.tokens) if val.tokens < window else 0
+        top_up = val.tokens < window and corpus.shard is None
+        moved = train.move_tail(val, window - val.tokens) if top_up else 0
+        if (val.tokens < window or train.tokens < window) and corpus.shard is not None:
+            shard = corpus.shard
+            raise UserError(
+                f"--shard_index {shard['index']}: too little text in this shard ({train.tokens:,} train and "
+                f"{val.tokens:,} val tokens), but each split of every shard needs one window of --max_length+1 = "
+                f"{window:,} tokens (shards never top val up from train); use fewer --num_shards than "
+                f"{shard['count']}, or a larger --val_fraction"
+            )
         if val.tokens < window or train.tokens < window:
             raise UserError(
                 f"too little text: {train.tokens:,} train and {val.tokens:,} val tokens in "

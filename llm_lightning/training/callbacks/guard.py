@@ -7,6 +7,7 @@ import torch
 
 from llm_lightning.errors import UserError
 from llm_lightning.io.checkpoint import latest_checkpoint
+from llm_lightning.training.parallel import grad_norm
 
 
 class NonFiniteStop(UserError):
@@ -33,8 +34,7 @@ class NonFiniteGuard(L.Callback):
         loss = getattr(pl_module, "last_loss", None)
         finite = loss is None or bool(torch.isfinite(loss))
         if finite and str(trainer.precision) != "16-mixed":
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+            finite = bool(torch.isfinite(grad_norm(pl_module.parameters())))
         # Ranks see their own loss (and, when sharded, their own gradient shard): agree first,
         # or one rank raises while the others wait for it in the next collective.
         if not trainer.strategy.reduce_boolean_decision(finite, all=True):

@@ -16,6 +16,8 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
+from llm_lightning.training.optim.muon import learning_rates
+
 
 class StepProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1, lines: bool | None = None) -> None:
@@ -90,7 +92,7 @@ class StepProgressBar(TQDMProgressBar):
         parts = [f"step {self._steps(trainer)}"]
         if "train/loss" in metrics:
             parts.append(f"loss {float(metrics['train/loss']):.4f}")
-        parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
+        parts += [f"{name} {value:.2e}" for name, value in learning_rates(trainer.optimizers[0]).items()]
         if "train/tokens_per_s" in metrics:
             parts.append(f"{float(metrics['train/tokens_per_s']):,.0f} tok/s")
         eta = self._eta(trainer)

@@ -4,8 +4,10 @@
 - `start`: step, max_steps, tokens per step, world and data-parallel sizes;
 - `train` every logging interval (`trainer.log_every_n_steps` optimizer steps) and at the
   last step: loss, learning rate, tokens/s measured over the interval (the hot loop never
-  waits on the device), tokens seen, passes over the data, MFU on GPUs;
-- `val` after each validation: val/loss, val/ppl (and what else the module logged under val/);
+  waits on the device), tokens seen, passes over the data (and over each source of a
+  mixture, `train/epochs/<name>`), MFU on GPUs;
+- `val` after each validation: val/loss, val/ppl (and what else the module logged under val/,
+  such as each source's `val/loss/<name>`);
 - `end`: why the fit ended (finished, max_time, stopped, interrupted, nonfinite, error).
 The same train metrics go to the trainer's loggers (TensorBoard).
 """
@@ -24,6 +26,7 @@ from llm_lightning.io.metrics import METRICS_FILE, append_record
 from llm_lightning.model import flops_per_token
 from llm_lightning.training.callbacks.guard import NonFiniteStop
 from llm_lightning.training.callbacks.signals import Interrupted
+from llm_lightning.training.optim.muon import learning_rates
 from llm_lightning.training.throughput import device_peak_flops
 
 
@@ -88,16 +91,18 @@ class RunLog(L.Callback):
             "train/tokens_per_s": tokens_per_s,
             "train/tokens": step * tokens_per_step,
             "train/epochs": trainer.datamodule.epochs_seen(),
+            # a mixture: passes over each source (each repeats on its own when it runs out)
+            **getattr(trainer.datamodule, "epochs_by_source", dict)(),
         }
         if self._peak:
             achieved = tokens_per_s * flops_per_token(pl_module.config, pl_module.hparams.max_length)
             metrics["train/mfu"] = achieved / (self._peak * trainer.world_size)
         loss = getattr(pl_module, "last_loss", None)
         loss = float(loss) if loss is not None else None
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        rates = learning_rates(trainer.optimizers[0])  # AdamW's, and Muon's when it runs
         for logger in trainer.loggers:
-            logger.log_metrics({**metrics, "train/loss": loss, "lr": lr}, step=step)
-        self.last_train = {"event": "train", "step": step, "train/loss": loss, "lr": lr, **metrics}
+            logger.log_metrics({**metrics, "train/loss": loss, **rates}, step=step)
+        self.last_train = {"event": "train", "step": step, "train/loss": loss, **rates, **metrics}
         self._write(trainer, self.last_train)
         return tokens_per_s
 

@@ -1,0 +1,1 @@
+"""The test suite, laid out like the package (model/, data/, io/, training/, distributed/, tools/) plus e2e/."""

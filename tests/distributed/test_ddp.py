@@ -82,6 +82,7 @@ def test_one_process_with_accumulation_matches_two_processes(ddp_run, single_run
     assert worst < 1e-4, f"weights differ by {worst}"
 
 
+@pytest.mark.slow  # by default: the sharded checkpoint on one process (tests/distributed/test_sharded.py)
 def test_ddp_checkpoint_loads_on_one_device(ddp_run, prepared_dir, tmp_path):
     last = ddp_run / "ckpts" / "last.ckpt"
     checkpoint = load_checkpoint(last)

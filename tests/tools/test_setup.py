@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import run_cli
 
 
+@pytest.mark.slow  # by default: tests/e2e/test_gpu_check.py runs `llm-lightning setup` as its first step
 def test_setup_exits_0_here():
     result = run_cli("setup")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -54,6 +54,7 @@ def test_prepare_fit_validate_resume(prepared_dir, tmp_path):
     assert (ckpts / "checkpoint_step_30.ckpt").is_file()
 
 
+@pytest.mark.slow  # by default: test_endings (a signal, then resume, equals a straight run) and test_muon
 def test_resume_is_exact(prepared_dir, tmp_path):
     """20 steps straight equal 10 steps + resume to 20, bit for bit (fp32, CPU), data order included."""
     straight, split = tmp_path / "straight" / "ckpt", tmp_path / "split" / "ckpt"

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-all lint format demo bench bench-prepare clean
+.PHONY: install test test-all lint format demo bench bench-prepare docs docs-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(BIN)/python:
 # an unpinned torch pulled by a dependency would drag in a multi-GB CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,eval,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -43,5 +43,12 @@ bench: install
 bench-prepare: install
 	$(BIN)/llm-lightning bench-prepare
 
+# The documentation site (docs/, mkdocs.yml) in strict mode: a broken link, anchor or nav entry fails.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo_run
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo_run site

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 
@@ -25,6 +26,7 @@ TOOLS = {
     "setup": "llm_lightning.tools.setup",
     "bench": "llm_lightning.tools.bench",
     "bench-prepare": "llm_lightning.tools.bench_prepare",
+    "eval": "llm_lightning.tools.eval",
 }
 
 
@@ -46,6 +48,7 @@ Data and tools:
   setup          check the installation and devices (the seed's utils.py setup)
   bench          time training steps: tokens/s, MFU, memory
   bench-prepare  time the prepare pipeline
+  eval           accuracy of a checkpoint on lm-evaluation-harness tasks (the [eval] extra)
 """
 
 
@@ -54,10 +57,27 @@ def run_tool(name: str, argv: list[str]) -> int:
     return module.main(argv)
 
 
-def fail(message: str) -> None:
-    """Print a user error as one line and exit 2."""
-    print(f"llm-lightning: error: {message}", file=sys.stderr)
+def fail(message: str, training: bool = False) -> None:
+    """Print a user error as one line and exit 2 (a training command: on its first process only)."""
+    if not training or is_rank_zero():
+        print(f"llm-lightning: error: {message}", file=sys.stderr)
     sys.exit(UserError.exit_code)
+
+
+def is_rank_zero() -> bool:
+    """Every process of a multi-process fit meets the same error or signal: one of them says it.
+
+    Lightning sets the rank once the strategy starts; before that, its launcher's environment
+    (LOCAL_RANK, NODE_RANK; RANK under torchrun or SLURM) says which copy this is.
+    """
+    ranks = [os.environ.get(name, "0") for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")]
+    if any(rank != "0" for rank in ranks):
+        return False
+    if "lightning" in sys.modules or "lightning.fabric" in sys.modules:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        return getattr(rank_zero_only, "rank", 0) == 0
+    return True
 
 
 def main(args: list[str] | None = None) -> None:
@@ -78,16 +98,17 @@ def main(args: list[str] | None = None) -> None:
     try:
         run_lightning_cli(args)  # None: LightningCLI reads sys.argv itself
     except UserError as error:
-        fail(str(error))
+        fail(str(error), training=True)
     except Interrupted as stop:  # SIGTERM / SIGINT: the state is saved; say where
-        print(f"llm-lightning: {stop}", file=sys.stderr)
+        if is_rank_zero():
+            print(f"llm-lightning: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
     except MisconfigurationException as error:  # Lightning's word on accelerator/devices/strategy
-        fail(f"--trainer.accelerator/devices/strategy do not fit this machine: {one_line(str(error))}")
+        fail(f"--trainer.accelerator/devices/strategy do not fit this machine: {one_line(str(error))}", True)
     except argparse.ArgumentError as error:  # jsonargparse's, raised by the LightningCLI parsers
         configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
         where = f" in --config {' '.join(configs)} or the flags" if configs else ""
-        fail(f"{one_line(str(error))}{where} (see `llm-lightning {argv[0]} --help`)")
+        fail(f"{one_line(str(error))}{where} (see `llm-lightning {argv[0]} --help`)", training=True)
 
 
 def one_line(message: str, limit: int = 400) -> str:

@@ -92,6 +92,7 @@ class TextDataModule(L.LightningDataModule):
         self._stream_start: tuple[int, int] | None = None  # (position, global step) when training started
         self._order = None  # the stream's order, once the training windows are known
         self.num_train_windows: int | None = None
+        self._layout: list[int] | None = None  # window_layout(), once read
 
     # ----------------------------------------------------------------- geometry
     def data_parallel(self) -> tuple[int, int]:
@@ -203,7 +204,16 @@ class TextDataModule(L.LightningDataModule):
             "stride": self.stride,
             "seed": self.seed,
             "weights": self.weights,
+            "data_dirs": [str(source.folder) for source in self.sources],
+            "window_layout": self.window_layout(),
         }
+
+    def window_layout(self) -> list[int]:
+        """Training windows per token file, in stream order: the same token total cut into other
+        shards gives other windows, which a resumed position would then count wrongly."""
+        if self._layout is None:
+            self._layout = [int(count) for count in self.train_windows()[0].counts]
+        return self._layout
 
     def load_state_dict(self, state: dict) -> None:
         """Check that the checkpoint meets data made by its own tokenizer; resume the stream."""
@@ -216,6 +226,7 @@ class TextDataModule(L.LightningDataModule):
                 "in the checkpoint); use the data folder the checkpoint was trained on, or prepare this text "
                 "with `prepare --tokenizer` pointing at that folder"
             )
+        self._check_same_folders(state)
         for name in ("stride", "seed", "weights"):
             if name in state and state[name] != getattr(self, name) and self._resuming_fit():
                 raise UserError(
@@ -229,7 +240,33 @@ class TextDataModule(L.LightningDataModule):
                 f"{self.metadata.get('num_tokens')} now), so its position in the data means other windows; resume "
                 "on the same folder, or start a new run from its weights (export, then --model.init_from)"
             )
+        self._check_same_layout(state)
         self.resume_position = int(state.get("position", 0))
+
+    def _check_same_folders(self, state: dict) -> None:
+        """A source added or dropped: the folder list is the difference, whatever the weights say."""
+        then = state.get("data_dirs")
+        now = [str(source.folder) for source in self.sources]
+        if then is not None and len(then) != len(now) and self._resuming_fit():
+            raise UserError(
+                f"--data.data_dir: {len(now)} folder(s) now ({', '.join(now)}), the checkpoint's run read "
+                f"{len(then)} ({', '.join(then)}); its data position counts windows of that list. Resume with "
+                "the same folders, or start a new run from its weights (export, then --model.init_from)"
+            )
+
+    def _check_same_layout(self, state: dict) -> None:
+        then = state.get("window_layout")
+        if then is None or not self._resuming_fit():
+            return
+        now = self.window_layout()
+        if then != now:
+            raise UserError(
+                f"--data.data_dir {self.data_dir}: its training windows are laid out otherwise than the "
+                f"checkpoint's data ({sum(then)} windows in {len(then)} token files then, {sum(now)} in "
+                f"{len(now)} now: re-sharded or re-prepared?), so its data position means other windows; "
+                "resume on the folder it was trained on, or start a new run from its weights (export, then "
+                "--model.init_from)"
+            )
 
     def _resuming_fit(self) -> bool:
         trainer = self.trainer

@@ -5,11 +5,13 @@ of one: a job killed mid-write leaves its temporary beside the target, under a n
 whose it is, and the next writer on the same host removes it once its process is dead.
 
 - `atomic_write(path, write)`: a file; `write(stream)` fills a temporary file, which is
-  flushed to disk and renamed over `path`.
+  flushed to disk and renamed over `path` (over a folder too: moved aside first, as below).
+- `atomic_link(target, path)`: `path` becomes a relative link to `target` the same way.
 - `AtomicFolder(path)`: a folder; the caller fills `work`, then `commit()` renames it to
   `path`, replacing an old folder only at that moment. The old one is first moved aside
   (`NAME.tmp-HOST-PID-old`); if the process dies between the two renames, `recover()` puts
-  it back, so the previous version is never lost.
+  it back, so the previous version is never lost. `recover_folder(folder)` does it for every
+  name of a folder.
 
 Standard library only: every layer of the package may use it (see the README's layer rule).
 """
@@ -45,10 +47,40 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temp, path)
+        _replace(Path(temp), path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def atomic_link(target: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make `path` a relative symbolic link to `target` in one rename, over a file, link or folder."""
+    path = Path(path)
+    temp = path.with_name(f"{_own_prefix(path)}-link")
+    _remove(temp)
+    os.symlink(os.path.relpath(target, path.parent), temp)
+    try:
+        _replace(temp, path)
+    except BaseException:
+        _remove(temp)
+        raise
+
+
+def _replace(new: Path, path: Path) -> None:
+    """Rename `new` over `path`; a folder there (a sharded checkpoint of the same name) is first
+    moved aside as AtomicFolder does, so that `recover()` restores it if the process dies."""
+    if not path.is_dir() or path.is_symlink():
+        os.replace(new, path)
+        return
+    AtomicFolder.recover(path)
+    old = path.with_name(f"{_own_prefix(path)}-old")
+    os.rename(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    _remove(old)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -88,8 +120,8 @@ class AtomicFolder:
         """Rename the finished work folder to `path`, replacing an old one only now."""
         _fsync_tree(self.work)
         old = None
-        if self.path.exists():
-            if self.path.is_dir() and not any(self.path.iterdir()):
+        if self.path.exists() or self.path.is_symlink():
+            if self.path.is_dir() and not self.path.is_symlink() and not any(self.path.iterdir()):
                 self.path.rmdir()
             else:
                 old = self.path.with_name(f"{_own_prefix(self.path)}-old")
@@ -125,9 +157,17 @@ class AtomicFolder:
             if len(parts) < 3 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
                 continue  # another host's, or a live writer's
             if parts[-1] == "old" and not path.exists():
-                os.rename(leftover, path)  # died between moving the old version aside and the rename
+                with contextlib.suppress(FileNotFoundError):  # another rank of this job restored it first
+                    os.rename(leftover, path)  # died between moving the old version aside and the rename
             else:
                 _remove(leftover)
+
+
+def recover_folder(folder: str | os.PathLike) -> None:
+    """`recover()` every name in `folder` that a killed writer left something beside (a resume
+    may never save that name again: a killed run's `checkpoint_step_N.ckpt` work folder)."""
+    for leftover in sorted(Path(folder).glob("*.tmp-*")):
+        AtomicFolder.recover(leftover.with_name(leftover.name.rsplit(".tmp-", 1)[0]))
 
 
 def _own_prefix(path: Path) -> str:

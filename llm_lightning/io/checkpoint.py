@@ -58,18 +58,19 @@ def _reason(error: Exception) -> str:
 
 def read_config(path: str | Path, flag: str = "--ckpt_path") -> ModelConfig:
     """The model config of a checkpoint file or folder, without reading its weights."""
+    return model_config(read_header(path, flag))
+
+
+def read_header(path: str | Path, flag: str = "--ckpt_path") -> dict:
+    """A checkpoint's dictionary without its weights (a folder: its checked meta.pt; a file: mmapped)."""
     path = Path(path)
-    if is_sharded(path):
-        try:
-            meta = torch.load(path / SHARD_META, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001
-            raise UserError(
-                f"{flag} {path}: unreadable {SHARD_META} (incomplete?): {_reason(error)}"
-            ) from None
-        if not isinstance(meta, dict) or "hyper_parameters" not in meta:
-            raise UserError(f"{flag} {path}: not an llm-lightning checkpoint (no hyper_parameters)")
-        return model_config(meta)
-    return model_config(load_checkpoint(path, flag, mmap=True))
+    if not is_sharded(path):
+        return load_checkpoint(path, flag, mmap=True)
+    check_shards(path, flag)
+    meta = torch.load(path / SHARD_META, map_location="cpu", weights_only=True)
+    if not isinstance(meta, dict) or "hyper_parameters" not in meta:
+        raise UserError(f"{flag} {path}: not an llm-lightning checkpoint (no hyper_parameters)")
+    return meta
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -90,6 +91,7 @@ def consolidate(folder: str | Path, flag: str = "--ckpt_path") -> dict:
     folder = Path(folder)
     if not is_sharded(folder):
         raise UserError(f"{flag} {folder}: a folder, but not a sharded checkpoint (no {SHARD_METADATA})")
+    check_shards(folder, flag)
     try:
         checkpoint = _load_distributed_checkpoint(folder)
     except Exception as error:  # noqa: BLE001 - a damaged shard fails inside torch.distributed.checkpoint
@@ -101,6 +103,40 @@ def consolidate(folder: str | Path, flag: str = "--ckpt_path") -> dict:
     )
     checkpoint["optimizer_states"] = [optimizer_state_by_position(checkpoint.pop(name)) for name in names]
     return checkpoint
+
+
+def check_shards(folder: str | Path, flag: str = "--ckpt_path") -> None:
+    """UserError naming the damaged file of a sharded folder: an unreadable .metadata or meta.pt,
+    or a shard missing or shorter than the metadata says (a copy or a save cut short).
+
+    Checked before torch.distributed.checkpoint reads it, which fails deep inside (EOFError,
+    AssertionError) or, on several ranks, on some ranks only.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = Path(folder)
+    try:
+        metadata = FileSystemReader(folder).read_metadata()
+        needed: dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as error:  # noqa: BLE001 - a pickle of garbage fails in any way
+        raise UserError(
+            f"{flag} {folder / SHARD_METADATA}: not readable (damaged sharded checkpoint): {_reason(error)}"
+        ) from None
+    for name, size in sorted(needed.items()):
+        shard = folder / name
+        have = shard.stat().st_size if shard.is_file() else None
+        if have is None or have < size:
+            what = "missing" if have is None else f"truncated ({have} of {size} bytes)"
+            raise UserError(f"{flag} {shard}: {what}; the sharded checkpoint is damaged")
+    if (folder / SHARD_META).exists():
+        try:
+            torch.load(folder / SHARD_META, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001
+            raise UserError(
+                f"{flag} {folder / SHARD_META}: not readable (damaged sharded checkpoint): {_reason(error)}"
+            ) from None
 
 
 def optimizer_state_by_position(state: dict) -> dict:

@@ -1,15 +1,20 @@
 """The pieces of a decoder block: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`, so PyTorch picks
-its flash or memory-efficient kernel where the device has one. Rotary embeddings use the
+its flash or memory-efficient kernel where the device has one; on Hopper GPUs cuDNN's kernel
+goes first (`attention_kernels`). Rotary embeddings use the
 "rotate half" layout of Llama, so weights copy into Hugging Face's LlamaForCausalLM as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llm_lightning.model.config import ModelConfig
 
@@ -23,7 +28,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the autocast dtype: the mean of squares loses precision in bf16.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return normed.type_as(x) * self.weight
+        # The gain in x's dtype: the output keeps the input's (an fp32 gain would turn a bf16
+        # stream, or q/k after QK-norm, into fp32, as it does on one device but not under FSDP2).
+        return normed.type_as(x) * self.weight.type_as(x)
 
 
 class RotaryEmbedding(nn.Module):
@@ -33,7 +40,15 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta, self.max_seq_len = head_dim, theta, max_seq_len
         self._build(max_seq_len)
+
+    def reset_parameters(self) -> None:
+        """Recompute the tables where the buffers now live (after `to_empty`, they hold garbage)."""
+        device = self.inv_freq.device
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        self.inv_freq = 1.0 / (self.theta ** (steps / self.head_dim))
+        self._build(self.max_seq_len)
 
     def _build(self, length: int) -> None:
         positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
@@ -104,6 +119,42 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+# SDPA kernels in the order tried when cuDNN goes first: on Hopper its kernel is reported
+# 1.7-2.3x faster than flash-2 for training shapes (PyTorch tries flash first); the others stay
+# as fallbacks for inputs cuDNN refuses, and on CPUs, which have neither.
+CUDNN_FIRST = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+ATTENTION_PRIORITIES = ("auto", "cudnn", "default")
+# auto: cuDNN first on Hopper GPUs; cudnn: cuDNN first on any device (CPUs then run their own
+# kernels, through the same code); default: PyTorch's order. A setting of the process, read
+# when attention runs, so a benchmark can compare them.
+attention_priority = "auto"
+_CAN_SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
+
+
+def attention_kernels(x: torch.Tensor):
+    """The context attention runs in: cuDNN's kernel first where `attention_priority` says so.
+
+    Entered in eager code only: around the blocks by the Transformer (a compiled block is traced
+    inside it and keeps the kernel chosen then), and by each attention call, so that activation
+    checkpointing's eager recomputation picks the same kernel as the forward. Inside a traced
+    region it is a no-op: tracing never depends on how a torch version handles the context.
+    """
+    if attention_priority == "default" or not _CAN_SET_PRIORITY or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    if attention_priority == "auto" and not (x.is_cuda and _is_hopper(x.device)):
+        return contextlib.nullcontext()
+    return sdpa_kernel(CUDNN_FIRST, set_priority=True)
+
+
+def _is_hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention; q, k and v come from one fused projection.
 
@@ -140,15 +191,16 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer_index, k, v)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=_causal_mask(past, seq, q.device) if past and seq > 1 else None,
-            is_causal=past == 0 and seq > 1,
-            dropout_p=cfg.dropout if self.training else 0.0,
-            enable_gqa=cfg.kv_groups > 1,
-        )
+        with attention_kernels(q):
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=_causal_mask(past, seq, q.device) if past and seq > 1 else None,
+                is_causal=past == 0 and seq > 1,
+                dropout_p=cfg.dropout if self.training else 0.0,
+                enable_gqa=cfg.kv_groups > 1,
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

@@ -3,9 +3,17 @@
 The (tokens x vocab) logits of a batch and their gradient are the largest tensors of a
 training step (64 MiB at the tiny preset's batch, gigabytes at real vocabularies); here they
 are never held at once, and on a CPU each chunk stays in cache.
+
+A chunk's softmax and gradient are about eight elementwise passes over fp32 logits, more
+memory traffic than the LM head's own matrix products. With `compile=True` (what
+`--model.compile` sets) a chunk's work on CUDA goes through torch.compile, which fuses them
+into a reduction and one write of the bf16 gradient; on a CPU it runs eagerly, the same
+arithmetic in the same order as the plain formula's tests check.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +38,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     chunk_rows: int | None = None,
     z_loss: float = 0.0,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Cross entropy of `hidden @ weight.T` against `targets`, never holding all the logits.
 
@@ -40,6 +49,7 @@ def linear_cross_entropy(
     `loss_chunk_rows`), in the autocast dtype when autocast is on (as `lm_head` would), and
     reduced in fp32. When gradients are needed for the mean, each chunk's gradients are
     computed right away (the logits are in cache then) and the backward pass only scales them.
+    `compile`: run each chunk's softmax and gradient compiled when on CUDA (module docstring).
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction={reduction!r}: choose mean or none")
@@ -50,7 +60,8 @@ def linear_cross_entropy(
             losses = _chunked_losses(hidden, weight, targets, chunk_rows)
         return losses.mean() if reduction == "mean" else losses
     if reduction == "mean":
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, z_loss)
+        compiled = compile and hidden.is_cuda
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, z_loss, compiled)
     # Per-row losses with gradients (no caller in the project needs them): the plain way.
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
 
@@ -83,8 +94,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int, z_loss: float = 0.0):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, z_loss: float = 0.0, compiled: bool = False):
         dtype, rows = compute_dtype(hidden), hidden.shape[0]
+        chunk_work = compiled_chunk_loss_and_grad() if compiled else chunk_loss_and_grad
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -95,19 +107,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, rows, chunk_rows):
                 h = hidden[start : start + chunk_rows].to(dtype)
                 target = targets[start : start + chunk_rows, None]
-                logits = (h @ w.t()).float()
-                target_logits = logits.gather(1, target)
-                peak = logits.amax(dim=-1, keepdim=True)
-                grad = logits.sub_(peak).exp_()  # softmax x its normaliser, in place of the logits
-                normaliser = grad.sum(dim=-1, keepdim=True)
-                lse = peak + normaliser.log()
-                total += (lse - target_logits).sum()  # logsumexp - target logit
+                cross_entropy, z_term, grad = chunk_work(h, w, target, rows, z_loss)
+                total += cross_entropy
                 if z_loss:
-                    total += z_loss * lse.square().sum()
-                    grad.mul_(1 + 2 * z_loss * lse)
-                grad.div_(normaliser * rows)
-                grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype).div_(rows))
-                grad = grad.to(dtype)
+                    total += z_term
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk_rows] = grad @ w
                 if grad_weight is not None:
@@ -126,4 +129,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def chunk_loss_and_grad(h, w, target, rows: int, z_loss: float):
+    """One chunk: (its summed cross entropy, its summed z-loss term, d(mean loss)/d(logits)).
+
+    The logits' gradient is in h's dtype; the reductions are fp32. In place on the logits, so
+    eagerly on a CPU one chunk-sized buffer serves the logits, the softmax and the gradient.
+    """
+    logits = (h @ w.t()).float()
+    target_logits = logits.gather(1, target)
+    peak = logits.amax(dim=-1, keepdim=True)
+    grad = logits.sub_(peak).exp_()  # softmax x its normaliser, in place of the logits
+    normaliser = grad.sum(dim=-1, keepdim=True)
+    lse = peak + normaliser.log()
+    cross_entropy = (lse - target_logits).sum()  # logsumexp - target logit
+    z_term = None
+    if z_loss:
+        z_term = z_loss * lse.square().sum()
+        grad.mul_(1 + 2 * z_loss * lse)
+    grad.div_(normaliser * rows)
+    grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype).div_(rows))
+    return cross_entropy, z_term, grad.to(h.dtype)
+
+
+@cache
+def compiled_chunk_loss_and_grad():
+    """`chunk_loss_and_grad` through torch.compile, built on first use (importing dynamo is slow).
+
+    dynamic=False: a run has two chunk shapes (full and last), each compiled once, and fixed
+    shapes give the fastest kernels.
+    """
+    return torch.compile(chunk_loss_and_grad, fullgraph=True, dynamic=False)

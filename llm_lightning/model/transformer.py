@@ -13,19 +13,24 @@ Notable:
   down_proj), which start at zero, so every block starts as the identity and the stream's
   variance does not grow with depth. On tinyshakespeare this reaches a lower loss in the same
   steps than GPT-2's 0.02 with 1/sqrt(2 x layers) scaled projections, or litgpt's init
-  (README, Performance).
+  (README, Performance). Each parameter is drawn from its own generator, seeded by the model's
+  seed (drawn from torch's global RNG when the model is built) and the parameter's name, one
+  whole tensor at a time (`init_weights`): so a model built on the meta device and sharded
+  before it is initialised gets, shard by shard, the weights one process would have.
 Weights map one to one onto Hugging Face's LlamaForCausalLM (q/k/v and gate/up are fused
 here, in layouts an even row split keeps whole heads of, and split apart on export: hf.py).
 """
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
 
 from llm_lightning.model.config import ModelConfig
-from llm_lightning.model.layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
-from llm_lightning.model.loss import linear_cross_entropy
+from llm_lightning.model.layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, attention_kernels
+from llm_lightning.model.loss import compute_dtype, linear_cross_entropy
 
 
 class Block(nn.Module):
@@ -46,6 +51,9 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        # Drawn first and on the CPU: the layers' own default inits below consume the global RNG
+        # on a real device but not on the meta device, and the seed must not depend on that.
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -56,16 +64,40 @@ class Transformer(nn.Module):
         # The LM-head loss, an attribute so that parallelism applied from outside can swap in
         # a version for a vocabulary-split head (training/parallel/loss.py).
         self.head_loss = linear_cross_entropy
-        self.reset_parameters()
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, write=None) -> None:
+        """Initialise every parameter (and rebuild the rotary tables) from `init_seed`.
+
+        `write(param, full)` stores a parameter's whole initial value into it; the default copies
+        it, and sharded training passes one that keeps only this rank's shard, so that a model
+        materialised from the meta device, sharded, equals one process's.
+        """
+        self.rotary.reset_parameters()
+        for name, param in self.named_parameters():
+            # Wrappers (activation checkpointing, compile) applied before a meta-device init add
+            # these to the names: the streams must not depend on them.
+            name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+            full = self.initial_value(name, tuple(param.shape))
+            if write is None:
+                param.copy_(full)
+            else:
+                write(param, full)
+
+    def initial_value(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A parameter's whole initial value, on the CPU, from its own generator."""
+        if len(shape) == 1:  # norm weights
+            return torch.ones(shape, device="cpu")
+        if name.endswith(("o_proj.weight", "down_proj.weight")):  # writes into the residual stream
+            return torch.zeros(shape, device="cpu")
+        # The name, not the position, picks the stream: wrappers and sharding keep the order of neither.
+        generator = torch.Generator(device="cpu").manual_seed(self.init_seed ^ zlib.crc32(name.encode()))
+        return torch.empty(shape, device="cpu").normal_(0.0, self.config.init_std, generator=generator)
 
     def reset_parameters(self) -> None:
-        for name, param in self.named_parameters():
-            if param.dim() == 1:  # norm weights
-                nn.init.ones_(param)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):  # writes into the residual stream
-                nn.init.zeros_(param)
-            else:
-                nn.init.normal_(param, mean=0.0, std=self.config.init_std)
+        self.init_weights()
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         weight = self.embed_tokens.weight
@@ -77,9 +109,13 @@ class Transformer(nn.Module):
         """The final normalised hidden states, (batch, seq, hidden): everything but the LM head."""
         start = cache.length if cache is not None else 0
         cos, sin = self.rotary(start, input_ids.shape[1])
+        # The residual stream in the compute dtype (bf16 under bf16-mixed), as FSDP2's bf16
+        # parameters give: every strategy computes alike (README, "Residual stream dtype").
         x = self.embed_tokens(input_ids)
-        for block in self.layers:
-            x = block(x, cos, sin, cache)
+        x = x.to(compute_dtype(x))
+        with attention_kernels(x):  # cuDNN attention first on Hopper, also when blocks are traced
+            for block in self.layers:
+                x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length += input_ids.shape[1]
         return self.norm(x)

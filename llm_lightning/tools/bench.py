@@ -69,7 +69,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--mode", default="loop", help="loop (plain PyTorch) or fit (Lightning)")
+    parser.add_argument(
+        "--mode",
+        default="loop",
+        help="loop (plain PyTorch), fit (Lightning), step-audit (ops, host syncs and collectives per step) "
+        "or init (memory per rank after build, shard and init)",
+    )
     parser.add_argument(
         "--strategy",
         default="single",
@@ -101,8 +106,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if args.precision not in PRECISIONS:
         raise UserError(f"--precision {args.precision}: choose one of {', '.join(PRECISIONS)}")
-    if args.mode not in ("loop", "fit"):
-        raise UserError(f"--mode {args.mode}: choose loop or fit")
+    if args.mode not in ("loop", "fit", "step-audit", "init"):
+        raise UserError(f"--mode {args.mode}: choose loop, fit, step-audit or init")
     for name in ("steps", "seq_len", "micro_batch_size", "vocab_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -357,8 +362,34 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def step_audit(args: argparse.Namespace) -> int:
+    """--mode step-audit: one JSON line from rank 0 (tools/step_audit.py)."""
+    from llm_lightning.tools.step_audit import print_report, run_step_audit
+
+    torch.manual_seed(args.seed)
+    result = run_step_audit(args, model_config(args), resolve_device(args.device))
+    if result is not None:
+        print_report(result)
+    return 0
+
+
+def init_audit(args: argparse.Namespace) -> int:
+    """--mode init: peak memory per rank after build, shard and init, one JSON line (tools/init_audit.py)."""
+    from llm_lightning.tools.init_audit import print_init_report, run_init_audit
+
+    torch.manual_seed(args.seed)
+    result = run_init_audit(args, model_config(args), resolve_device(args.device))
+    if result is not None:
+        print_init_report(result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.mode == "step-audit":
+        return step_audit(args)
+    if args.mode == "init":
+        return init_audit(args)
     result = run(args)
     if not result["reporter"]:
         return 0  # another rank of a ddp/fsdp run: rank 0 reports

@@ -15,7 +15,7 @@ import torch
 
 from llm_lightning.errors import ArgumentParser, UserError
 from llm_lightning.io.atomic import atomic_write
-from llm_lightning.io.checkpoint import consolidate, is_sharded
+from llm_lightning.io.checkpoint import consolidate, is_sharded, load_checkpoint
 
 
 def build_parser() -> ArgumentParser:
@@ -27,8 +27,31 @@ def build_parser() -> ArgumentParser:
         "--ckpt_path", required=True, help="a sharded checkpoint folder, e.g. checkpoints/last.ckpt"
     )
     parser.add_argument("--output", required=True, help="the .ckpt file to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output file (only an earlier checkpoint)",
+    )
     return parser
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """--overwrite replaces an earlier checkpoint file only, never another file or a folder."""
+    if not output.exists() and not output.is_symlink():
+        return
+    if not overwrite:
+        raise UserError(f"--output {output}: already exists; pass --overwrite to replace it")
+    if not output.is_file():
+        raise UserError(
+            f"--output {output}: not a file; --overwrite only replaces an earlier checkpoint file"
+        )
+    try:
+        load_checkpoint(output, "--output", mmap=True)
+    except UserError:
+        raise UserError(
+            f"--output {output}: not an llm-lightning checkpoint; --overwrite only replaces an earlier "
+            "output (a .ckpt file), never another file: choose another --output"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(
             f"--ckpt_path {folder}: not a sharded checkpoint folder (an ordinary file needs no consolidation)"
         )
-    if output.exists() and not args.overwrite:
-        raise UserError(f"--output {output}: already exists; pass --overwrite to replace it")
     if output.resolve() == folder.resolve() or folder.resolve() in output.resolve().parents:
         raise UserError(f"--output {output}: inside the checkpoint folder; write it elsewhere")
+    check_output(output, args.overwrite)
     checkpoint = consolidate(folder)
     try:
         atomic_write(output, lambda stream: torch.save(checkpoint, stream))

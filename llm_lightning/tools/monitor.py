@@ -37,6 +37,7 @@ class RunState:
 
     train: list[dict] = field(default_factory=list)
     val: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)  # in-loop task accuracy (`fit --eval.tasks`)
     max_steps: int | None = None
     tokens_per_step: int | None = None
     segment_start: dict | None = None  # the last "start" record
@@ -89,10 +90,13 @@ def run_state(records: list[dict]) -> RunState:
             # A resume from an earlier checkpoint redoes the steps after it.
             state.train = [r for r in state.train if r["step"] <= record["step"]]
             state.val = [r for r in state.val if r["step"] <= record["step"]]
+            state.evals = [r for r in state.evals if r["step"] <= record["step"]]
         elif event == "train":
             state.train.append(record)
         elif event == "val":
             state.val.append(record)
+        elif event == "eval":
+            state.evals.append(record)
         elif event == "end":
             state.end = record
         if "elapsed" in record:
@@ -157,6 +161,20 @@ def per_source(record: dict, prefix: str, label: str, spec: str) -> list[tuple[s
     ]
 
 
+def eval_rows(record: dict) -> list[tuple[str, str]]:
+    """The latest in-loop task accuracy: acc and acc_norm per task, and the seconds it took."""
+    tasks = sorted({key.split("/")[1] for key in record if key.startswith("eval/") and key.count("/") == 2})
+    rows = [
+        (f"{task} acc", f"{record[f'eval/{task}/acc']:.4f}  acc_norm {record[f'eval/{task}/acc_norm']:.4f}")
+        for task in tasks
+    ]
+    if rows:
+        rows.append(
+            ("eval time", f"{record.get('eval/time_s', float('nan')):.1f} s  (step {record['step']})")
+        )
+    return rows
+
+
 def render(folder: Path, state: RunState, now: float | None = None) -> str:
     """The table `monitor` prints."""
     now = time.time() if now is None else now
@@ -189,6 +207,7 @@ def render(folder: Path, state: RunState, now: float | None = None) -> str:
         ("learning rate", _number(last_train.get("lr"), ".3e")),
         ("tokens/s", _number(last_train.get("train/tokens_per_s"), ",.0f")),
     ]
+    rows += eval_rows(state.evals[-1] if state.evals else {})
     if last_train.get("train/mfu") is not None:
         rows.append(("MFU", f"{100 * last_train['train/mfu']:.1f}%"))
     rows += per_source(last_train, "train/epochs/", "epochs of {}", ".2f")
@@ -215,7 +234,11 @@ def plot(state: RunState, output: Path) -> None:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
+    panels = 3 if state.evals else 2  # task accuracy gets a panel of its own when the fit has it
+    fig, axes = plt.subplots(
+        panels, 1, figsize=(8, 3 * panels), sharex=True, height_ratios=(2, 1, 1)[:panels]
+    )
+    loss_ax, lr_ax = axes[0], axes[1]
     train = [r for r in state.train if r.get("train/loss") is not None]
     loss_ax.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train loss", lw=1)
     loss_ax.plot([r["step"] for r in state.val], [r["val/loss"] for r in state.val], "o-", label="val loss")
@@ -232,10 +255,26 @@ def plot(state: RunState, output: Path) -> None:
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("optimizer step")
     lr_ax.grid(alpha=0.3)
+    if state.evals:
+        plot_evals(axes[2], state.evals)
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=100)
     plt.close(fig)
+
+
+def plot_evals(ax, evals: list[dict]) -> None:
+    """eval/<task>/acc (solid) and acc_norm (dashed) against optimizer step."""
+    keys = sorted(
+        {k for r in evals for k in r if k.startswith("eval/") and k.endswith(("/acc", "/acc_norm"))}
+    )
+    for key in keys:
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        ax.plot(*zip(*points, strict=True), "o-" if key.endswith("/acc") else "o--", lw=1, label=key[5:])
+    ax.set_ylabel("task accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def load_state(folder: Path) -> RunState:
@@ -283,7 +322,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--follow", action="store_true", help="refresh until the run ends (Ctrl-C to stop)")
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes (default 10)")
     parser.add_argument(
-        "--plot", type=Path, default=None, help="also draw loss and learning rate to this PNG"
+        "--plot",
+        type=Path,
+        default=None,
+        help="also draw loss, learning rate (and task accuracy) to this PNG",
     )
     return parser
 

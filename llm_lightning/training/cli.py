@@ -29,10 +29,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from llm_lightning.data.datamodule import TextDataModule
+from llm_lightning.data.datamodule import TextDataModule, accumulation_steps
 from llm_lightning.errors import UserError
-from llm_lightning.io.atomic import AtomicFolder
-from llm_lightning.io.checkpoint import BEST, LAST, consolidate, is_sharded, read_config
+from llm_lightning.evaluation.callback import TaskEval
+from llm_lightning.io.atomic import recover_folder
+from llm_lightning.io.checkpoint import BEST, LAST, consolidate, is_sharded, model_config, read_header
 from llm_lightning.model import PRESETS
 from llm_lightning.training.callbacks import (
     AtomicCheckpointIO,
@@ -120,11 +121,13 @@ class LLMCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.every_n_train_steps": 1000,
                 "checkpoint.save_top_k": -1,
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": "link",  # last.ckpt links to this step's checkpoint: one write
                 "checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        # In-loop task accuracy: --eval.tasks FILE.jsonl ... --eval.every_n_steps N --eval.limit N
+        parser.add_lightning_class_args(TaskEval, "eval")
         parser.add_argument(
             "--eval_interval",
             type=int,
@@ -155,8 +158,11 @@ class LLMCLI(LightningCLI):
             return
         if section["model"].get("init_from"):
             raise UserError("--model.init_from and --ckpt_path both give the starting weights; pass one")
-        saved = read_config(path).architecture()  # not the weights: every rank does this
+        header = read_header(path)  # not the weights: every rank does this
+        saved = model_config(header).architecture()
         self._check_shape_flags(section["model"], saved, path)
+        if subcommand == "fit":
+            self._check_optimizer(section["model"], header["hyper_parameters"], path)
         if is_sharded(path) and not _is_sharded_strategy(section["trainer"].get("strategy")):
             section["ckpt_path"] = str(consolidated_copy(path))
         values = {name: saved[name] for name in MODEL_FLAGS if name in saved}
@@ -175,7 +181,7 @@ class LLMCLI(LightningCLI):
                 raise UserError(f"--ckpt_path {ckpt_path}: no such file; give a .ckpt file, last or best")
             return path
         path = dirpath / named[ckpt_path]
-        AtomicFolder.recover(path)  # a sharded save killed between its two renames
+        recover_folder(dirpath)  # a save killed between its two renames, a dead run's work folders
         if path.exists():
             return path
         if subcommand == "fit" and ckpt_path == "last":  # a first run under a requeueing scheduler
@@ -203,8 +209,22 @@ class LLMCLI(LightningCLI):
                     "comes from the checkpoint; drop the flag (or start a new run without --ckpt_path)"
                 )
 
+    @staticmethod
+    def _check_optimizer(model: dict, hparams, path: Path) -> None:
+        """Refused, not re-initialised: a resume continues the run, and its optimizer state is half of it."""
+        asked, then = model.get("optimizer") or "adamw", hparams.get("optimizer") or "adamw"
+        if asked != then:
+            raise UserError(
+                f"--model.optimizer {asked}: {path} was trained with {then}, whose state cannot carry over; "
+                f"resume with --model.optimizer {then}, or start a new run from its weights (export, then "
+                "--model.init_from)"
+            )
+
     def before_fit(self) -> None:
-        """A new run never writes over another run's checkpoints: resume it, or choose another folder."""
+        """A new run never writes over another run's checkpoints: resume it, or choose another folder.
+
+        The batch split is checked here, before any callback writes into the folder."""
+        self._check_batch_split()
         if self.config.fit.get("ckpt_path"):
             return
         dirpath = Path(self.config.fit.checkpoint.dirpath)
@@ -214,6 +234,16 @@ class LLMCLI(LightningCLI):
                 f"--checkpoint.dirpath {dirpath} already holds a run's checkpoints ({', '.join(found[:3])}"
                 f"{' ...' if len(found) > 3 else ''}); resume it with --ckpt_path last, or choose another folder"
             )
+
+    def _check_batch_split(self) -> None:
+        data, trainer = self.datamodule, self.trainer
+        strategy = trainer.strategy
+        tp = (
+            strategy.tensor_parallel_size(trainer.num_devices) if isinstance(strategy, ShardedStrategy) else 1
+        )
+        accumulation_steps(
+            data.batch_size, data.micro_batch_size, max(trainer.num_devices * trainer.num_nodes // tp, 1)
+        )
 
     # ----------------------------------------------------------------- trainer
     def instantiate_trainer(self, **kwargs):

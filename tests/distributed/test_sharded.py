@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,11 +25,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from llm_lightning.data.format import read_metadata, split_path
 from llm_lightning.data.sampler import WindowOrder
 from llm_lightning.data.windows import TokenWindows
-from llm_lightning.io.checkpoint import load_checkpoint
+from llm_lightning.io.checkpoint import is_sharded, load_checkpoint
 from tests.conftest import REPO, TINY_FIT, records, run_cli, weights
 from tests.distributed.conftest import DIST_ENV, TIMEOUT, check
 
@@ -51,6 +53,10 @@ def sharded(fragment: str, devices: int) -> tuple:
 
 def probe(path: Path) -> tuple:
     return ("--trainer.callbacks+=tests.probes.RecordWindows", "--trainer.callbacks.path", path)
+
+
+def record_sharding(path: Path) -> tuple:
+    return ("--trainer.callbacks+=tests.probes.RecordSharding", "--trainer.callbacks.path", path)
 
 
 def train(data: Path, ckpts: Path, steps: int, micro: int, *extra) -> Path:
@@ -79,11 +85,11 @@ def assert_same_training(a: Path, b: Path, step: int) -> None:
 def runs(prepared_dir, tmp_path_factory) -> dict[str, Path]:
     """The reference (1 process, 20 steps) and 10 steps of each sharded layout."""
     root = tmp_path_factory.mktemp("sharded")
+    fsdp_probes = (*sharded("fsdp.yaml", 2), *probe(root / "w.jsonl"), *record_sharding(root / "fsdp" / "s"))
     return {
-        "one": train(prepared_dir, root / "one" / "ckpts", 20, 8),
-        "fsdp": train(
-            prepared_dir, root / "fsdp" / "ckpts", 10, 4, *sharded("fsdp.yaml", 2), *probe(root / "w.jsonl")
-        ),
+        "one": train(prepared_dir, root / "one" / "ckpts", 20, 8, *record_sharding(root / "one" / "s")),
+        # micro-batch 2 on 2 ranks: accumulation 2, so FSDP2's no-sync path is what trains here
+        "fsdp": train(prepared_dir, root / "fsdp" / "ckpts", 10, 2, *fsdp_probes),
         "tp": train(prepared_dir, root / "tp" / "ckpts", 10, 8, *sharded("tp.yaml", 2)),
         "2d": train(prepared_dir, root / "2d" / "ckpts", 10, 4, *sharded("fsdp_tp.yaml", 4)),
     }
@@ -101,6 +107,26 @@ def test_each_layout_trains_like_one_process(runs, layout):
     assert start["data_parallel_size"] == {"fsdp": 2, "tp": 1, "2d": 2}[layout]
 
 
+def test_fsdp_starts_from_one_process_weights_and_reduce_scatters_once_per_step(runs):
+    """Built on the meta device and initialised shard by shard, the FSDP2 run starts from the very
+    weights of the one-process run; with accumulation 2, each FSDP unit reduce-scatters its
+    gradients once per optimizer step (not once per micro-batch)."""
+    one = torch.load(runs["one"].parent / "s.init.pt")
+    fsdp = torch.load(runs["fsdp"].parent / "s.init.pt")
+    assert one.keys() == fsdp.keys()
+    for name, value in one.items():
+        assert torch.equal(value, fsdp[name]), name
+    for rank in (0, 1):
+        lines = (runs["fsdp"].parent / f"s.rank{rank}").read_text().splitlines()
+        steps = [json.loads(line) for line in lines]
+        assert len(steps) == 10
+        for step in steps:
+            # embedding, 2 blocks, final norm + head (the root then holds no parameters)
+            assert step["units"] == 4
+            scatters = sum(n for op, n in step["collectives"].items() if "reduce_scatter" in op)
+            assert scatters == step["units"], step
+
+
 @pytest.mark.parametrize("layout", ["tp", "2d"])
 def test_a_sharded_run_resumes_from_last_on_its_layout(runs, prepared_dir, layout):
     devices, fragment, micro = {"tp": (2, "tp.yaml", 8), "2d": (4, "fsdp_tp.yaml", 4)}[layout]
@@ -113,20 +139,15 @@ def read_windows(path: Path, ranks: int) -> list[tuple]:
 
 
 def test_elastic_two_processes_then_one_equals_one_process(runs, prepared_dir, tmp_path):
-    """10 steps of FSDP2 on 2 processes, resumed to 20 on 1: the 1-process run's training, and the
-    windows read across both parts are the stream's first 160, each once."""
+    """10 steps of FSDP2 on 2 processes, resumed to 20 on 1 device (no sharding) in the same folder:
+    the 1-process run's training, files written where the shard folders were, and the windows
+    read across both parts are the stream's first 160, each once."""
     ckpts = runs["fsdp"]
-    train(
-        prepared_dir,
-        ckpts,
-        20,
-        8,
-        *sharded("fsdp.yaml", 1),
-        *probe(tmp_path / "w.jsonl"),
-        "--ckpt_path",
-        "last",
-    )
+    assert is_sharded(ckpts / "last.ckpt") and is_sharded(ckpts / "best.ckpt")
+    train(prepared_dir, ckpts, 20, 8, *probe(tmp_path / "w.jsonl"), "--ckpt_path", "last")
     assert_same_training(runs["one"], ckpts, 20)
+    assert (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file()
+    assert is_sharded(ckpts / "checkpoint_step_10.ckpt") and not list(ckpts.glob("*.tmp-*"))
     first = read_windows(ckpts.parents[1] / "w.jsonl", 2)
     second = read_windows(tmp_path / "w.jsonl", 1)
     metadata = read_metadata(prepared_dir)
@@ -141,23 +162,20 @@ def test_elastic_two_processes_then_one_equals_one_process(runs, prepared_dir, t
 
 
 def test_one_process_checkpoint_resumes_sharded_and_sharded_resumes_in_ddp(runs, prepared_dir, tmp_path):
-    """A single-file checkpoint (1 device; DDP writes the same) resumes on FSDP2 x 2; a sharded one in DDP."""
+    """A single-file checkpoint (1 device; DDP writes the same) resumes on FSDP2 x 2, a sharded one in
+    DDP, each in the folder that holds it: the other kind is written over it under the same name."""
     into_fsdp = tmp_path / "fsdp" / "ckpts"
     into_fsdp.mkdir(parents=True)
     (into_fsdp / "last.ckpt").write_bytes((runs["one"] / "checkpoint_step_10.ckpt").read_bytes())
     train(prepared_dir, into_fsdp, 20, 4, *sharded("fsdp.yaml", 2), "--ckpt_path", "last")
     assert_same_training(runs["one"], into_fsdp, 20)
+    assert is_sharded(into_fsdp / "last.ckpt")
     into_ddp = tmp_path / "ddp" / "ckpts"
-    args = (
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.devices",
-        2,
-        "--ckpt_path",
-        runs["2d"] / "checkpoint_step_10.ckpt",
-    )
-    train(prepared_dir, into_ddp, 20, 4, *args)
+    shutil.copytree(runs["2d"] / "checkpoint_step_10.ckpt", into_ddp / "last.ckpt")
+    ddp = ("--trainer.strategy", "ddp", "--trainer.devices", 2)
+    train(prepared_dir, into_ddp, 20, 4, *ddp, "--ckpt_path", "last")
     assert_same_training(runs["one"], into_ddp, 20)
+    assert (into_ddp / "last.ckpt").is_file() and not list(into_ddp.glob("*.tmp-*"))
 
 
 def test_a_sharded_checkpoint_validates_generates_and_exports_on_one_process(runs, prepared_dir, tmp_path):
@@ -180,6 +198,45 @@ def test_a_sharded_checkpoint_validates_generates_and_exports_on_one_process(run
     assert load_checkpoint(tmp_path / "one.ckpt")["global_step"] == 10
 
 
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+SPOIL = {
+    "fit": ("__1_0.distcp", truncate),
+    "validate": (".metadata", lambda p: p.write_bytes(b"garbage, not a pickle" * 20)),
+    "export": ("__1_0.distcp", truncate),
+    "generate": (".metadata", lambda p: p.write_bytes(b"garbage, not a pickle" * 20)),
+    "consolidate": ("__1_0.distcp", truncate),
+}
+
+
+def on_folder(command: str, folder: Path, data: Path, out: Path) -> tuple:
+    if command == "fit":  # sharded on 2 processes, from the folder's last.ckpt
+        return ("fit", *flags(data, folder.parent, 20, 4, *sharded("fsdp.yaml", 2), "--ckpt_path", "last"))
+    if command == "validate":
+        data_flags = ("--data.data_dir", data, "--data.batch_size", 8)
+        return ("validate", *TINY_FIT, *GQA, *data_flags, "--ckpt_path", folder)
+    extra = {"export": ("--output_dir", out), "generate": ("--prompt", "a"), "consolidate": ("--output", out)}
+    return (command, "--ckpt_path", folder, *extra[command])
+
+
+@pytest.mark.parametrize(
+    "command", ["fit", "export", *(pytest.param(c, marks=pytest.mark.slow) for c in ("validate", "generate", "consolidate"))]
+)  # fmt: skip
+def test_a_damaged_shard_or_metadata_is_one_line_naming_the_file(runs, prepared_dir, tmp_path, command):
+    """A truncated shard or a garbage .metadata: one line naming that file, exit 2, nothing written."""
+    folder = tmp_path / "ckpts" / "last.ckpt"
+    shutil.copytree(runs["2d"] / "checkpoint_step_10.ckpt", folder)
+    name, spoil = SPOIL[command]
+    spoil(folder / name)
+    result = run_cli(*on_folder(command, folder, prepared_dir, tmp_path / "out"), cwd=tmp_path, env=DIST_ENV)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("llm-lightning: error:")]
+    assert str(folder / name) in line and "Traceback" not in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["ckpts"] and os.listdir(folder.parent) == ["last.ckpt"]
+
+
 def test_kill_9_during_a_sharded_save_keeps_the_previous_last(prepared_dir, tmp_path):
     """A real SIGKILL while shards are being written; `--ckpt_path last` then resumes."""
     ckpts = tmp_path / "ckpts"
@@ -191,8 +248,8 @@ def test_kill_9_during_a_sharded_save_keeps_the_previous_last(prepared_dir, tmp_
     )  # fmt: skip
     deadline = time.monotonic() + TIMEOUT
     try:
-        while time.monotonic() < deadline:  # a save of last.ckpt in progress, after an earlier one
-            if (ckpts / "last.ckpt").is_dir() and any(ckpts.glob("last.ckpt.tmp-*")):
+        while time.monotonic() < deadline:  # a save in progress, after an earlier one (linked as last)
+            if (ckpts / "last.ckpt").is_dir() and any(ckpts.glob("checkpoint_step_*.ckpt.tmp-*")):
                 break
             assert process.poll() is None, "the run ended before it could be killed"
             time.sleep(0.01)

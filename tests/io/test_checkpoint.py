@@ -1,16 +1,31 @@
-"""Reading checkpoints outside Lightning: older layouts upgraded, the newest checkpoint found, atomic folders."""
+"""Reading checkpoints outside Lightning: older layouts upgraded, the newest checkpoint found, atomic
+folders (and files replacing them), damaged sharded folders named in one line."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
+import pytest
 import torch
 
-from llm_lightning.io.atomic import AtomicFolder
-from llm_lightning.io.checkpoint import FORMAT_KEY, latest_checkpoint, load_model
+from llm_lightning.errors import UserError
+from llm_lightning.io.atomic import AtomicFolder, atomic_link, atomic_write, recover_folder
+from llm_lightning.io.checkpoint import (
+    FORMAT_KEY,
+    is_sharded,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    read_header,
+)
 from llm_lightning.model import ModelConfig, Transformer
 from llm_lightning.model.layers import split_gate_up, split_qkv
+from llm_lightning.tools import consolidate
 from tests.conftest import randomized
 
 
@@ -71,3 +86,122 @@ def test_a_writer_killed_between_its_two_renames_is_recovered(tmp_path):
     (tmp_path / f"last.ckpt.tmp-{socket.gethostname()}-{dead}-k2j4").mkdir()  # its unfinished work
     AtomicFolder.recover(target)
     assert (target / "a").read_text() == "previous" and os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def sharded_folder(folder: Path) -> Path:
+    """A sharded checkpoint as torch.distributed.checkpoint writes it (.metadata, a shard) and
+    Lightning's meta.pt beside it; written by one process, read back by `load_checkpoint`."""
+    import torch.distributed.checkpoint as dcp
+
+    weights = {"model.embed.weight": torch.arange(24.0).reshape(6, 4)}
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"state_dict": weights}, checkpoint_id=folder, no_dist=True)
+    torch.save({"hyper_parameters": {"vocab_size": 6}, "global_step": 3}, folder / "meta.pt")
+    return folder
+
+
+def test_a_sharded_folder_reads_back_whole(tmp_path):
+    checkpoint = load_checkpoint(sharded_folder(tmp_path / "last.ckpt"))
+    assert checkpoint["global_step"] == 3
+    assert torch.equal(checkpoint["state_dict"]["model.embed.weight"], torch.arange(24.0).reshape(6, 4))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {
+    "truncated shard": (lambda f: truncate(next(f.glob("*.distcp"))), "__0_0.distcp: truncated"),
+    "missing shard": (lambda f: next(f.glob("*.distcp")).unlink(), "__0_0.distcp: missing"),
+    "garbage .metadata": (
+        lambda f: (f / ".metadata").write_bytes(b"garbage, not a pickle" * 20),
+        ".metadata: not readable",
+    ),
+    "truncated meta.pt": (lambda f: truncate(f / "meta.pt"), "meta.pt: not readable"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_sharded_folder_is_one_line_naming_the_file(tmp_path, damage):
+    folder = sharded_folder(tmp_path / "last.ckpt")
+    spoil, expected = DAMAGES[damage]
+    spoil(folder)
+    for read in (load_checkpoint, read_header):  # generate/export/consolidate; validate/fit's check
+        with pytest.raises(UserError, match=expected) as error:
+            read(folder)
+        assert "\n" not in str(error.value) and str(folder) in str(error.value)
+
+
+def test_consolidate_overwrites_only_a_checkpoint(tmp_path):
+    """`--overwrite` replaces an earlier output, never another file (a data folder's metadata.json)."""
+    folder = sharded_folder(tmp_path / "last.ckpt")
+    foreign = tmp_path / "metadata.json"
+    foreign.write_text('{"vocab_size": 6}')
+    with pytest.raises(UserError, match="not an llm-lightning checkpoint; --overwrite only replaces"):
+        consolidate.main(["--ckpt_path", str(folder), "--output", str(foreign), "--overwrite"])
+    assert foreign.read_text() == '{"vocab_size": 6}'
+    output = tmp_path / "one.ckpt"
+    consolidate.main(["--ckpt_path", str(folder), "--output", str(output)])
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        consolidate.main(["--ckpt_path", str(folder), "--output", str(output)])
+    os.utime(output, (0, 0))
+    consolidate.main(
+        ["--ckpt_path", str(folder), "--output", str(output), "--overwrite"]
+    )  # its own: replaced
+    assert output.stat().st_mtime > 0 and load_checkpoint(output)["global_step"] == 3
+
+
+def test_a_file_replaces_a_folder_of_the_same_name_and_back(tmp_path):
+    """One device after a sharded run (and back) writes last.ckpt where the other kind is."""
+    target = sharded_folder(tmp_path / "last.ckpt")
+    atomic_write(target, lambda stream: stream.write(b"file"))
+    assert target.read_bytes() == b"file" and os.listdir(tmp_path) == ["last.ckpt"]
+    with AtomicFolder(target) as folder:
+        (folder.work / "a").write_text("folder")
+        folder.commit()
+    assert (target / "a").read_text() == "folder" and os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_a_file_writer_killed_after_moving_the_folder_aside_loses_nothing(tmp_path):
+    """A real process dies between its two renames; the next reader finds the previous folder."""
+    target = sharded_folder(tmp_path / "last.ckpt")
+    script = (
+        "import os, sys; from llm_lightning.io import atomic\n"
+        "atomic.os.replace = lambda *a: os._exit(9)  # die right after the folder was moved aside\n"
+        "atomic.atomic_write(sys.argv[1], lambda s: s.write(b'new'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    died = subprocess.run([sys.executable, "-c", script, str(target)], env=env, timeout=60)
+    assert died.returncode == 9 and not target.exists()
+    AtomicFolder.recover(target)
+    assert load_checkpoint(target)["global_step"] == 3
+
+
+def test_last_as_a_link_replaces_a_file_or_a_folder_and_is_read_through(tmp_path):
+    """`save_last: link`: last.ckpt becomes a relative link in one rename, over either kind."""
+    step = sharded_folder(tmp_path / "checkpoint_step_3.ckpt")
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(b"an older full last.ckpt")
+    atomic_link(step, last)
+    assert os.readlink(last) == "checkpoint_step_3.ckpt" and load_checkpoint(last)["global_step"] == 3
+    atomic_write(last, lambda stream: stream.write(b"full"))  # a final state off the interval
+    assert last.read_bytes() == b"full" and load_checkpoint(step)["global_step"] == 3  # the target kept
+    sharded_folder(tmp_path / "other.ckpt")
+    with AtomicFolder(last) as folder:  # a sharded final state over the file
+        (folder.work / "a").write_text("folder")
+        folder.commit()
+    atomic_link(tmp_path / "other.ckpt", last)  # over a folder
+    assert os.readlink(last) == "other.ckpt" and is_sharded(last)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_step_3.ckpt", "last.ckpt", "other.ckpt"]
+
+
+def test_a_resume_clears_every_dead_writers_leftovers(tmp_path):
+    """A run killed while saving checkpoint_step_2 (a resume may never save that name again)."""
+    dead = 2**22 + 12345  # a process id that is not running
+    work = tmp_path / f"checkpoint_step_2.ckpt.tmp-{socket.gethostname()}-{dead}-k2j4"
+    work.mkdir()
+    live = tmp_path / f"last.ckpt.tmp-{socket.gethostname()}-{os.getpid()}-link"
+    live.symlink_to("nowhere")  # a live writer's: left alone
+    recover_folder(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [live.name]

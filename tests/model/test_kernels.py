@@ -85,3 +85,55 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
     with torch.no_grad():
         per_token = model(inputs, targets=targets, reduction="none")
     torch.testing.assert_close(per_token.mean(), expected)
+
+
+# Importing inductor scripts a torch.jit class, which torch 2.13 deprecates (not ours to fix).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_chunk_work_matches_the_plain_loss_with_z_loss():
+    """The per-chunk work through torch.compile (what CUDA runs) against the plain formulas, on a CPU."""
+    from llm_lightning.model.loss import _LinearCrossEntropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(96, 32, requires_grad=True)
+    weight = (0.3 * torch.randn(97, 32)).requires_grad_()
+    targets = torch.randint(0, 97, (96,))
+    z = 1e-2
+    logits = F.linear(hidden, weight)
+    expected = F.cross_entropy(logits, targets) + z * torch.logsumexp(logits, dim=-1).square().mean()
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    loss = _LinearCrossEntropy.apply(hidden, weight, targets, 48, z, True)  # two chunks, one shape
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_cudnn_first_attention_order_leaves_cpu_results_unchanged():
+    """attention_priority only reorders kernels: on a CPU (no cuDNN) the same numbers, and it is restored."""
+    from llm_lightning.model import layers
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32
+    )
+    model = randomized(Transformer(config))
+    ids = torch.randint(0, 97, (2, 17))
+    order = torch._C._get_sdp_priority_order()
+    expected = model(ids)
+    layers.attention_priority = "cudnn"
+    try:
+        torch.testing.assert_close(model(ids), expected, atol=0, rtol=0)
+    finally:
+        layers.attention_priority = "auto"
+    assert torch._C._get_sdp_priority_order() == order
+
+
+def test_compile_setting_is_auto_true_or_false():
+    from llm_lightning.errors import UserError
+    from llm_lightning.training.module import LanguageModel, resolve_compile
+
+    assert LanguageModel(vocab_size=97, max_length=16, preset="tiny").hparams.compile == "auto"
+    assert resolve_compile("auto", torch.device("cuda")) and not resolve_compile("auto", torch.device("cpu"))
+    assert resolve_compile(True, torch.device("cpu")) and not resolve_compile(False, torch.device("cuda"))
+    with pytest.raises(UserError, match="--model.compile"):
+        LanguageModel(vocab_size=97, max_length=16, preset="tiny", compile="sometimes")

@@ -9,8 +9,10 @@ runs share one schedule.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +120,14 @@ def wait_for_step(process: subprocess.Popen, ckpts: Path, step: int, timeout: fl
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
+def held_before_the_end(ckpts: Path) -> tuple[list[str], Path]:
+    """Flags that hold the run two steps before its end until the test creates the returned file,
+    after its signal: the run cannot end first, however far the test lags behind (probes.py)."""
+    go = ckpts.parent / "signalled"
+    flags = ["--trainer.callbacks+=tests.probes.HoldBeforeTheEnd", "--trainer.callbacks.path", str(go)]
+    return [*flags, "--trainer.callbacks.step", str(STEPS - 2)], go
+
+
 def check_interrupted(process: subprocess.Popen, signum: int, ckpts: Path) -> int:
     """Exit 128 + signal, one line naming where the state is; that state is at a step boundary."""
     _, stderr = process.communicate(timeout=120)
@@ -126,6 +136,7 @@ def check_interrupted(process: subprocess.Popen, signum: int, ckpts: Path) -> in
     assert last_line.startswith(f"llm-lightning: stopped by {signal.Signals(signum).name}"), stderr[-2000:]
     assert str(ckpts / "last.ckpt") in last_line and "--ckpt_path last" in last_line
     assert "Traceback" not in stderr
+    assert stderr.count("llm-lightning: stopped by") == 1, stderr[-2000:]  # DDP: rank 0 says it, once
     step = step_of(ckpts / "last.ckpt")
     assert f"after step {step} " in last_line
     assert records(ckpts, "end")[-1]["reason"] == "interrupted"
@@ -135,9 +146,11 @@ def check_interrupted(process: subprocess.Popen, signum: int, ckpts: Path) -> in
 @pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_signal_finishes_the_step_saves_and_resumes_exactly(signum, prepared_dir, tmp_path, straight):
     ckpts = tmp_path / "ckpts"
-    process = start_fit(prepared_dir, ckpts)
+    hold, signalled = held_before_the_end(ckpts)
+    process = start_fit(prepared_dir, ckpts, *hold)
     wait_for_step(process, ckpts, 5)
     os.killpg(process.pid, signum)  # to the whole job, as Ctrl-C or a scheduler's stop does
+    signalled.touch()
     step = check_interrupted(process, signum, ckpts)
     assert 5 <= step < STEPS
     resume_to_the_end(prepared_dir, ckpts)
@@ -160,9 +173,13 @@ def test_sigterm_to_the_first_of_two_ddp_processes_stops_both_at_one_step(prepar
     """Only rank 0 gets the signal (`kill PID`); the ranks agree and both stop after the same step."""
     ckpts = tmp_path / "ckpts"
     env = {"OMP_NUM_THREADS": "1"}
-    process = start_fit(prepared_dir, ckpts, "--trainer.strategy", "ddp", "--trainer.devices", "2", env=env)
+    hold, signalled = held_before_the_end(ckpts)
+    process = start_fit(
+        prepared_dir, ckpts, "--trainer.strategy", "ddp", "--trainer.devices", "2", *hold, env=env
+    )
     wait_for_step(process, ckpts, 5)
     os.kill(process.pid, signal.SIGTERM)
+    signalled.touch()
     step = check_interrupted(process, signal.SIGTERM, ckpts)
     assert 5 <= step < STEPS
     assert load_checkpoint(ckpts / "last.ckpt")["TextDataModule"]["position"] == step * 8
@@ -186,6 +203,72 @@ class CrashAt(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step + 1 == self.step:
             raise RuntimeError("crashed on purpose")
+
+
+def md5s(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.ckpt"))}
+
+
+@pytest.fixture(scope="module")
+def resharded(corpus_dir, prepared_dir, tmp_path_factory) -> Path:
+    """The shared run's text, prepared again in 2 shards with its tokenizer and merged: the same
+    token total, other windows (none crosses a shard's end)."""
+    from llm_lightning.data.format import read_metadata
+    from llm_lightning.data.prepare import prepare
+    from llm_lightning.tools.merge_shards import merge
+
+    out = tmp_path_factory.mktemp("resharded") / "data"
+    options = dict(max_length=32, stride=32, val_fraction=0.1, seed=0, num_workers=0, tokenizer=prepared_dir)
+    for index in range(2):
+        prepare(corpus_dir, out, num_shards=2, shard_index=index, **options)
+    merge(out)
+    assert read_metadata(out)["num_tokens"] == read_metadata(prepared_dir)["num_tokens"]
+    return out
+
+
+FAILED_RESUMES = {  # flags -> (exit code, what the last line says)
+    "re-sharded data": (("--data.data_dir", "RESHARDED"), 2, "laid out otherwise than the checkpoint's"),
+    "first step fails": (
+        ("--trainer.callbacks+=tests.training.test_endings.CrashAt", "--trainer.callbacks.step", "21"),
+        1,
+        "crashed on purpose",
+    ),
+    "optimizer": (("--model.optimizer", "muon"), 2, "was trained with adamw"),
+    "shape": (("--model.hidden_size", "32"), 2, "contradicts"),
+    "added source": (("--data.data_dir", "[DATA, RESHARDED]"), 2, "2 folder(s) now"),
+}
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "re-sharded data",
+        "first step fails",
+        # extras: refused by the CLI before Lightning starts (tests/e2e/bad_inputs.yaml has one line each)
+        pytest.param("optimizer", marks=pytest.mark.slow),
+        pytest.param("shape", marks=pytest.mark.slow),
+        pytest.param("added source", marks=pytest.mark.slow),
+    ],
+)
+def test_a_failed_resume_leaves_every_checkpoint_as_it_was(
+    run_dir, prepared_dir, resharded, tmp_path, failure
+):
+    """Refused in one line, or failing before this process completed a step: no checkpoint changes,
+    so the original command still resumes (the final-state save saves only a state that a step of
+    this process produced). 25 steps after a 20-step schedule: the rising learning rate is said."""
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(run_dir, ckpts)
+    before = md5s(ckpts)
+    flags, code, says = FAILED_RESUMES[failure]
+    flags = [flag.replace("RESHARDED", str(resharded)).replace("DATA", str(prepared_dir)) for flag in flags]
+    result = fit(prepared_dir, ckpts, "--ckpt_path", "last", *flags, steps=25)
+    assert result.returncode == code, result.stderr[-3000:]
+    assert says in result.stderr.strip().splitlines()[-1]
+    if code == 2:
+        assert "Traceback" not in result.stderr
+    else:  # it got as far as the restore
+        assert "note: the learning rate rises on resume: at step 20" in result.stdout + result.stderr
+    assert md5s(ckpts) == before and len(before) == 4
 
 
 def test_validate_leaves_the_run_and_its_log_alone(run_dir, prepared_dir, tmp_path):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llm_lightning.model import ModelConfig, Transformer
 from llm_lightning.model.layers import split_gate_up, split_qkv
@@ -156,3 +158,195 @@ def test_muon_on_two_processes_equals_one_with_accumulation(strategy, muon_runs,
     result = run_cli("fit", *flags, cwd=tmp_path, env=DIST_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_close_runs(muon_runs["one"], ckpts)
+
+
+# Batched and shared-out orthogonalisation against one process's per-matrix update.
+
+SHARED = ModelConfig(**{**CONFIG.to_dict(), "num_layers": 4, "vocab_size": 98})  # (even: tensor parallelism)
+ODD = (3, 37, 24)  # three fused matrices of 37 rows: uneven stacks and uneven row shards on two ranks
+
+
+class Ranked(torch.nn.Module):
+    """A Transformer and odd-shaped extra matrices (their own muon group)."""
+
+    def __init__(self):
+        super().__init__()
+        self.transformer = randomized(Transformer(SHARED))
+        torch.manual_seed(1)
+        self.extra = torch.nn.ModuleList(torch.nn.Linear(ODD[2], ODD[1], bias=False) for _ in range(ODD[0]))
+
+
+def shared_optimizer(model: Ranked, shard_over=None) -> MuonAdamW:
+    groups = muon_adamw_groups(
+        model.transformer, lr=1e-3, weight_decay=0.1, muon_lr=0.02, muon_weight_decay=0.1, lr_rule="original"
+    )
+    # A fused matrix of a tall part (30 rows: lr x sqrt(30 / 24)) and a short one, split unevenly.
+    groups.append(
+        dict(kind="muon", params=[m.weight for m in model.extra], lr=0.02, weight_decay=0.1, split=(30, 7))
+    )
+    # Fused AdamW, as `build_muon_adamw` has on CPUs and GPUs: it skips a found_inf step on the device.
+    return MuonAdamW(groups, {"ns_dtype": "float32"}, {"fused": True}, shard_over=shard_over)
+
+
+def step_grads(model: torch.nn.Module, step: int) -> dict:
+    generator = torch.Generator().manual_seed(100 + step)
+    return {name: torch.randn(p.shape, generator=generator) for name, p in model.named_parameters()}
+
+
+def muon_results(model, optimizer) -> dict:
+    """Whole weights and momentum buffers, by name (gathered from shards)."""
+    whole = lambda t: t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()  # noqa: E731
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {n: whole(p) for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        if group["kind"] == "muon":
+            out.update({"momentum:" + names[id(p)]: whole(optimizer.state[p]["momentum_buffer"]) for p in group["params"]})  # fmt: skip
+    return out
+
+
+def reference_muon_step(params, grads, buffers, group) -> None:
+    """Today's (pre-batching) update, one matrix and one fused part at a time, in fp32."""
+    lr, ns = group["lr"], (group["ns_coefficients"], group["ns_steps"], group["eps"], torch.float32)
+    for param, grad, buffer in zip(params, grads, buffers, strict=True):
+        buffer.lerp_(grad, 1 - group["momentum"])
+        update = grad.lerp(buffer, group["momentum"])
+        if group["split"] is None:
+            ortho = newton_schulz(update, *ns) * max(1.0, update.shape[0] / update.shape[1]) ** 0.5
+        else:
+            sizes, blocks = group["split"], group["split_blocks"]
+            view, ortho, start = update.view(blocks, sum(sizes), -1), torch.empty(update.shape), 0
+            for size in sizes:
+                part = view[:, start : start + size].reshape(blocks * size, -1)
+                scale = max(1.0, part.shape[0] / part.shape[1]) ** 0.5
+                ortho.view(blocks, sum(sizes), -1)[:, start : start + size] = (newton_schulz(part, *ns) * scale).view(blocks, size, -1)  # fmt: skip
+                start += size
+        param.mul_(1 - lr * group["weight_decay"]).add_(ortho, alpha=-lr)
+
+
+def test_batched_muon_equals_the_per_matrix_update():
+    model, twin = Ranked(), Ranked()
+    optimizer, reference = shared_optimizer(model), shared_optimizer(twin)
+    buffers = {id(p): torch.zeros_like(p) for p in twin.parameters()}
+    for step in range(3):
+        for m, grads in ((model, step_grads(model, step)), (twin, step_grads(twin, step))):
+            for name, p in m.named_parameters():
+                p.grad = grads[name]
+        optimizer.step()
+        with torch.no_grad():
+            for group in reference.param_groups:
+                if group["kind"] == "muon":
+                    ps = group["params"]
+                    reference_muon_step(ps, [p.grad for p in ps], [buffers[id(p)] for p in ps], group)
+    total = 4 * 7 + 2 * ODD[0]  # q, k, v, o, gate, up, down per block; 2 parts per extra
+    assert optimizer.matrices_orthogonalised == total
+    for group, twin_group in zip(optimizer.param_groups, reference.param_groups, strict=True):
+        if group["kind"] == "muon":
+            for p, q in zip(group["params"], twin_group["params"], strict=True):
+                torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=1e-5)
+                torch.testing.assert_close(optimizer.state[p]["momentum_buffer"], buffers[id(q)])
+
+
+class HostReads(TorchDispatchMode):
+    """Counts device-to-host reads (what `.item()`, `bool()` and `float()` of a tensor dispatch)."""
+
+    READS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += str(func.overloadpacket) in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_found_inf_skips_the_step_on_the_device():
+    """A nonzero `found_inf` leaves weights, momentum, AdamW's moments and steps untouched, read on no host."""
+    model, twin = Ranked(), Ranked()
+    optimizer, plain = shared_optimizer(model), shared_optimizer(twin)
+    for step in range(2):
+        for m in (model, twin):
+            for name, p in m.named_parameters():
+                p.grad = step_grads(m, step)[name]
+        optimizer.found_inf = torch.tensor(0.0)
+        optimizer.step()
+        plain.step()
+    snapshot = lambda: (muon_results(model, optimizer), {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()})  # noqa: E731  # fmt: skip
+    before = snapshot()
+    for name, p in model.named_parameters():
+        p.grad = step_grads(model, 5)[name]
+    model.transformer.layers[0].attn.qkv_proj.weight.grad[0, 0] = float("inf")
+    model.transformer.embed_tokens.weight.grad[0, 0] = float("nan")
+    optimizer.found_inf = torch.tensor(1.0)
+    with HostReads() as reads:
+        optimizer.step()
+    assert reads.count == 0
+    after = snapshot()
+    assert before[0].keys() == after[0].keys() and all(
+        torch.equal(before[0][k], after[0][k]) for k in before[0]
+    )
+    assert len(before[1]) == len(list(model.parameters())) == len(after[1])
+    for index, state in before[1].items():
+        assert all(torch.equal(value, after[1][index][key]) for key, value in state.items()), index
+    for key, value in muon_results(twin, plain).items():  # a found_inf of 0 changed nothing
+        torch.testing.assert_close(before[0][key], value, atol=1e-6, rtol=1e-5)
+
+
+def _shared_worker(rank: int, port: int, folder: str) -> None:
+    """One of two gloo ranks: 3 steps under DDP's sharing, FSDP2's, then tensor parallelism's
+    gathered path (no sharing); rank 0 saves the results."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from llm_lightning.training.parallel.parallelize import parallelize
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    out = {}
+    for layout, sizes in (("ddp", (2, 1)), ("fsdp", (2, 1)), ("tp", (1, 2))):
+        model = Ranked()
+        if layout != "ddp":  # the project's own FSDP2 units (and tensor-parallel plan)
+            mesh = init_device_mesh("cpu", sizes, mesh_dim_names=("data_parallel", "tensor_parallel"))
+            parallelize(model.transformer, mesh)
+            for module in model.extra if layout == "fsdp" else ():  # uneven row shards (19 + 18)
+                fully_shard(module, mesh=mesh["data_parallel"])
+        optimizer = shared_optimizer(model, shard_over=dist.group.WORLD if layout == "ddp" else None)
+        for step in range(3):
+            for name, p in model.named_parameters():
+                grad = step_grads(model, step)[name]
+                p.grad = (
+                    distribute_tensor(grad, p.device_mesh, p.placements) if isinstance(p, DTensor) else grad
+                )
+            optimizer.step()
+        counts = [None, None]
+        dist.all_gather_object(counts, optimizer.matrices_orthogonalised)
+        out[layout] = {"results": muon_results(model, optimizer), "counts": counts}
+    if rank == 0:
+        torch.save(out, f"{folder}/shared.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_and_fsdp2_share_the_orthogonalisations_and_equal_one_process(tmp_path):
+    from tests.distributed.conftest import free_port
+
+    torch.multiprocessing.spawn(_shared_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    model = Ranked()
+    optimizer = shared_optimizer(model)
+    for step in range(3):
+        for name, p in model.named_parameters():
+            p.grad = step_grads(model, step)[name]
+        optimizer.step()
+    expected, total = muon_results(model, optimizer), optimizer.matrices_orthogonalised
+    shared = torch.load(tmp_path / "shared.pt")
+    for layout in ("ddp", "fsdp", "tp"):
+        counts = shared[layout]["counts"]
+        if layout == "tp":  # every rank orthogonalises every matrix (its shards are not whole rows)
+            assert counts == [total, total]
+        else:  # each matrix once, about half on each rank
+            assert sum(counts) == total and all(abs(c - total / 2) <= 1 for c in counts), (layout, counts)
+        for key, value in shared[layout]["results"].items():
+            torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=1e-5, msg=f"{layout} {key}")

@@ -135,3 +135,18 @@ def test_predict_writes_each_windows_loss_and_test_reports_test_metrics(run_dir,
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
     tested = run_cli("test", *common, cwd=tmp_path)
     assert tested.returncode == 0 and "test/loss" in tested.stdout and "val/loss" not in tested.stdout
+
+
+def test_a_run_refused_by_the_batch_split_leaves_nothing_behind(prepared_dir, tmp_path, capsys):
+    """Checked before any callback writes: no metrics.jsonl, no folders (in this process: cheap)."""
+    from llm_lightning.cli import main
+
+    args = ["fit", *map(str, TINY_FIT), "--data.data_dir", str(prepared_dir), "--data.batch_size", "10"]
+    args += ["--data.micro_batch_size", "4", "--checkpoint.dirpath", str(tmp_path / "ckpts")]
+    args += ["--trainer.default_root_dir", str(tmp_path / "logs")]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert "--data.batch_size 10" in line and "--data.micro_batch_size 4" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

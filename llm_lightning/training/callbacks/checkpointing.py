@@ -1,15 +1,18 @@
 """Checkpoints: at optimizer-step boundaries, the final state on every ending, written atomically.
 
 - `StepCheckpoint` (`--checkpoint.*`): `checkpoint_step_N.ckpt` every N optimizer steps and
-  `last.ckpt`, plus `last.ckpt` whenever a fit ends after a step it has not saved yet: the
+  `last.ckpt` (by default a relative link to it, made atomically: one write), plus a full
+  `last.ckpt` whenever a fit ends after a step it has not saved yet: the
   end of max_steps, max_time or early stopping (`on_train_end`), or an exception
-  (`on_exception`; not a non-finite stop, whose weights are suspect).
+  (`on_exception`; not a non-finite stop, whose weights are suspect), and only a state that a
+  step completed in this process produced (never a half-restored one).
 - `BestCheckpoint`: `best.ckpt`, the lowest val/loss so far.
 - `AtomicCheckpointIO`: files are written beside their target and renamed over it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from llm_lightning.io.atomic import atomic_write
+from llm_lightning.io.atomic import atomic_link, atomic_write
 from llm_lightning.io.checkpoint import LAST
 from llm_lightning.training.callbacks.guard import NonFiniteStop
 
@@ -57,10 +60,24 @@ class StepCheckpoint(_StableState, ModelCheckpoint):
     """
 
     _seen_step: int | None = None
+    _start_step: int | None = None  # None until training starts: a restore that fails saves nothing
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        self._seen_step = trainer.global_step
+        self._seen_step = self._start_step = trainer.global_step
         super().on_train_start(trainer, pl_module)
+
+    def stepped_here(self, trainer: L.Trainer) -> bool:
+        """A completed optimizer step of this process is not saved yet.
+
+        Before training starts (a restore that failed half-way, or a resume already at max_steps)
+        the state in memory is not one a step of this process produced: saving it could replace
+        the very checkpoint the run started from with a half-restored one.
+        """
+        return (
+            self._start_step is not None
+            and trainer.global_step > self._start_step
+            and self._last_global_step_saved != trainer.global_step
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step == self._seen_step:
@@ -68,9 +85,28 @@ class StepCheckpoint(_StableState, ModelCheckpoint):
         self._seen_step = trainer.global_step
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        """`save_last: link`: link last.ckpt to the checkpoint of this very step, else write it.
+
+        Lightning links to the last checkpoint it saved, whatever its step: at an ending off the
+        interval (or an epoch end) that would be an older state under the name `last`.
+        """
+        if self.save_last == "link" and self._last_global_step_saved != trainer.global_step:
+            self._last_checkpoint_saved = ""
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        """Lightning removes last.ckpt, then links: a kill between the two leaves no `last`."""
+        if "://" in str(linkpath) and not str(linkpath).startswith("file://"):
+            return ModelCheckpoint._link_checkpoint(trainer, filepath, linkpath)
+        if trainer.is_global_zero and Path(filepath).absolute() != Path(linkpath).absolute():
+            atomic_link(str(filepath).removeprefix("file://"), str(linkpath).removeprefix("file://"))
+        trainer.strategy.barrier()
+
     def save_final(self, trainer: L.Trainer) -> Path | None:
-        """Save last.ckpt now, unless this step is already saved or no step was taken."""
-        if trainer.global_step == 0 or self._last_global_step_saved == trainer.global_step:
+        """Save last.ckpt now, unless this step is already saved or this process took no step."""
+        if not self.stepped_here(trainer):
             return None
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._last_global_step_saved = trainer.global_step
@@ -87,7 +123,7 @@ class StepCheckpoint(_StableState, ModelCheckpoint):
             return
         if trainer.world_size > 1 and not _rank_zero_saves_alone(trainer):
             return  # a sharded save needs every rank, and the others may be elsewhere
-        if trainer.global_step == 0 or self._last_global_step_saved == trainer.global_step:
+        if not self.stepped_here(trainer):
             return
         if trainer.is_global_zero:  # no barrier: the other ranks may not reach one
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
@@ -136,6 +172,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(str(path).removeprefix("file://"), lambda stream: torch.save(checkpoint, stream))
 
     def remove_checkpoint(self, path) -> None:
+        if os.path.islink(path):  # a `save_last: link` last.ckpt: the link, never what it points to
+            os.unlink(path)
+            return
         fs = get_filesystem(path)
         if fs.exists(path):
             fs.rm(path, recursive=True)

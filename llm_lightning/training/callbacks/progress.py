@@ -5,6 +5,9 @@ tokens/s, ETA) and starts at the resumed step after `--ckpt_path last`; Lightnin
 counts micro-batches and restarts every epoch. When stdout is not a terminal (CI, SLURM,
 `| tee`), bars are replaced by one line per logging interval and one per validation:
 Lightning's bars would write a line for every batch there.
+
+The bar's count, rate and ETA move every step; its loss and tokens/s are read at logging
+intervals only (reading the loss waits for the device, which a step must not do).
 """
 
 from __future__ import annotations
@@ -61,11 +64,15 @@ class StepProgressBar(TQDMProgressBar):
         if bar is None or step == bar.n:
             return  # mid-accumulation: no optimizer step yet
         bar.n = step
+        interval = step % trainer.log_every_n_steps == 0 or step == trainer.max_steps
         if self.lines:
-            if step % trainer.log_every_n_steps == 0 or step == trainer.max_steps:
+            if interval:
                 self._print(trainer, self._train_line(trainer))
-        elif not bar.disable and (step % self.refresh_rate == 0 or step == trainer.max_steps):
+        elif not bar.disable and interval:
+            # Reading the metrics reads the loss off the device: at logging intervals only.
             bar.set_postfix(self.get_metrics(trainer, pl_module))
+        elif not bar.disable and step % self.refresh_rate == 0:
+            bar.refresh()  # the count, rate and ETA move every step; the loss shown is the interval's
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         if self.lines and not trainer.sanity_checking and trainer.state.fn == "fit":
@@ -77,7 +84,7 @@ class StepProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
-        return metrics
+        return {**interval_metrics(trainer, pl_module), **metrics}
 
     # ----------------------------------------------------------------- lines
     def _steps(self, trainer: L.Trainer) -> str:
@@ -88,10 +95,10 @@ class StepProgressBar(TQDMProgressBar):
         )
 
     def _train_line(self, trainer: L.Trainer) -> str:
-        metrics = trainer.progress_bar_metrics
+        metrics = interval_metrics(trainer, trainer.lightning_module)
         parts = [f"step {self._steps(trainer)}"]
         if "train/loss" in metrics:
-            parts.append(f"loss {float(metrics['train/loss']):.4f}")
+            parts.append(f"loss {metrics['train/loss']:.4f}")
         parts += [f"{name} {value:.2e}" for name, value in learning_rates(trainer.optimizers[0]).items()]
         if "train/tokens_per_s" in metrics:
             parts.append(f"{float(metrics['train/tokens_per_s']):,.0f} tok/s")
@@ -110,3 +117,19 @@ class StepProgressBar(TQDMProgressBar):
     def _print(self, trainer: L.Trainer, line: str) -> None:
         if trainer.is_global_zero:
             print(line, flush=True)
+
+
+def interval_metrics(trainer: L.Trainer, pl_module) -> dict[str, float]:
+    """The last micro-batch's loss (a host read: at logging intervals only) and RunLog's tokens/s.
+
+    Not Lightning's progress-bar metrics: it turns those into floats after every micro-batch.
+    """
+    metrics = {}
+    loss = getattr(pl_module, "last_loss", None)
+    if loss is not None:
+        metrics["train/loss"] = float(loss)
+    run_log = next((c for c in trainer.callbacks if hasattr(c, "last_train")), None)
+    rate = (getattr(run_log, "last_train", None) or {}).get("train/tokens_per_s")
+    if rate is not None:
+        metrics["train/tokens_per_s"] = rate
+    return metrics

@@ -79,8 +79,7 @@ class RunLog(L.Callback):
         step = trainer.global_step
         if self._mark is None or step == self._mark[1] or step % trainer.log_every_n_steps:
             return
-        tokens_per_s = self._record_train(trainer, pl_module)
-        pl_module.log("train/tokens_per_s", tokens_per_s, prog_bar=True, logger=False, rank_zero_only=True)
+        self._record_train(trainer, pl_module)  # StepProgressBar shows its tokens/s from last_train
 
     def _record_train(self, trainer: L.Trainer, pl_module) -> float:
         now, step = time.perf_counter(), trainer.global_step

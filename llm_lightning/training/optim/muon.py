@@ -14,18 +14,25 @@ every group, and a checkpoint holds one optimizer state. Every param group has a
   avx512_bf16/AMX), fp32 elsewhere (torch always uses bf16, ~100x slower on AVX2-only CPUs); and
   a fused matrix is orthogonalised part by part, q, k, v and gate, up each as its own matrix
   (model/layers.py declares the layouts: `qkv_parts`, `gate_up_parts`).
-Under FSDP2 and tensor parallelism the parameters are DTensors: the update is gathered whole
-(one all-gather per matrix), orthogonalised on every rank, and each rank keeps its own shard;
-Muon's momentum stays sharded, so its state reshards on resume like AdamW's.
+Same-shape matrices (a fused matrix's parts included) are stacked and orthogonalised in one batched
+call (compiled on CUDA). With several data-parallel ranks the orthogonalisations are shared out,
+as nanochat and modded-nanogpt do: under DDP (`shard_over`) each rank orthogonalises about 1/N of
+each stack and an all-gather (in the iteration's dtype) gives every rank every result; under FSDP2
+(DTensor row shards) an all-to-all brings each matrix's rows to its owner and another brings each
+rank its rows of the results. Under tensor parallelism every rank gathers every whole update and
+orthogonalises it (no sharing: its shards are not whole rows). Muon's momentum stays per parameter
+and sharded like the parameter, so its state reshards on resume like AdamW's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cache
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr
 from torch.optim.adam import Adam, adam
 
@@ -62,17 +69,38 @@ ADAMW_DEFAULTS = dict(
 
 
 def newton_schulz(grad: Tensor, coefficients: Sequence[float], steps: int, eps: float, dtype) -> Tensor:
-    """torch.optim.Muon's orthogonalisation, in `dtype`, on a copy (never in place on `grad`)."""
+    """torch.optim.Muon's orthogonalisation, in `dtype`, on a copy (never in place on `grad`).
+
+    `grad` is one matrix or a stack (n, rows, cols) of same-shape matrices, each normalised and
+    iterated on its own: one batched matrix product per stage instead of one per matrix.
+    """
     a, b, c = coefficients
     x = grad.to(dtype, copy=True)
-    transposed = grad.size(0) > grad.size(1)
+    transposed = grad.size(-2) > grad.size(-1)
     if transposed:
-        x = x.T
-    x.div_(x.norm().clamp(min=eps))  # Frobenius >= spectral norm: singular values at most 1
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if transposed else x
+        x = x.mT
+    if x.ndim == 2:  # torch.optim.Muon's own calls, so that one matrix stays bit for bit torch's
+        x.div_(x.norm().clamp(min=eps))  # Frobenius >= spectral norm: singular values at most 1
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    else:
+        x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps))
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if transposed else x
+
+
+@cache
+def _compiled_newton_schulz():
+    return torch.compile(newton_schulz)
+
+
+def orthogonalise(stack: Tensor, coefficients: Sequence[float], steps: int, eps: float, dtype) -> Tensor:
+    """`newton_schulz`, compiled where it runs on CUDA (CPUs stay eager: compiling did not pay there)."""
+    run = _compiled_newton_schulz() if stack.device.type == "cuda" else newton_schulz
+    return run(stack, coefficients, steps, eps, dtype)
 
 
 def ns_dtype_for(device: torch.device) -> torch.dtype:
@@ -80,15 +108,56 @@ def ns_dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if fast else torch.float32
 
 
+def _local(tensor: Tensor, like: Tensor) -> Tensor:
+    """This rank's part of `tensor`, laid out as `like` (a parameter) is."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if tensor.placements != like.placements:
+        tensor = tensor.redistribute(like.device_mesh, like.placements)
+    return tensor.to_local()
+
+
+def _layout(param: Tensor, shard_over) -> tuple[str, object]:
+    """How a parameter's update is shared out: (mode, process group).
+
+    "local": every matrix orthogonalised here (one process, or nobody to share with);
+    "replicated": every rank holds the same whole update (DDP): each orthogonalises its share,
+    an all-gather gives everyone every result; "rows": a DTensor of row shards on a 1-D mesh
+    (FSDP2): the owner of a matrix collects its rows, orthogonalises, sends each rank its rows back;
+    "gathered": any other DTensor (tensor parallelism, 2-D meshes): the whole update is gathered
+    on every rank and orthogonalised there (no sharing), each rank keeps its part.
+    """
+    if isinstance(param, DTensor):
+        mesh = param.device_mesh
+        if mesh.ndim == 1 and tuple(param.placements) == (Shard(0),):
+            return ("rows", mesh.get_group()) if mesh.size() > 1 else ("local", None)
+        return "gathered", None
+    if shard_over is not None and dist.get_world_size(shard_over) > 1:
+        return "replicated", shard_over
+    return "local", None
+
+
 class MuonAdamW(torch.optim.Optimizer):
     def __init__(
-        self, groups: Iterable[dict], muon_defaults: dict | None = None, adamw_defaults: dict | None = None
+        self,
+        groups: Iterable[dict],
+        muon_defaults: dict | None = None,
+        adamw_defaults: dict | None = None,
+        shard_over=None,
     ):
-        """groups: dicts with "params" and "kind" ("muon" or "adamw"); other keys override the kind's defaults."""
+        """groups: dicts with "params" and "kind" ("muon" or "adamw"); other keys override the kind's defaults.
+
+        shard_over: a process group whose ranks all hold the same whole gradients (DDP): they share
+        the orthogonalisations out. FSDP2's sharded parameters are shared over their own mesh.
+        """
         self.kind_defaults = {
             "muon": {**MUON_DEFAULTS, **(muon_defaults or {})},
             "adamw": {**ADAMW_DEFAULTS, **(adamw_defaults or {})},
         }
+        self.shard_over = shard_over
+        # Set by the trainer before step(): a 0-d tensor, nonzero to skip the step on the device.
+        self.found_inf: Tensor | None = None
+        self.matrices_orthogonalised = 0  # by this rank, in the last step (fused parts count one each)
         # The defaults depend on the kind, so add_param_group fills them, not the base class.
         super().__init__(list(groups), defaults={"differentiable": False, "foreach": None, "fused": None})
 
@@ -112,6 +181,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.matrices_orthogonalised = 0
         for group in self.param_groups:
             (self._adamw_step if group["kind"] == "adamw" else self._muon_step)(group)
         return loss
@@ -123,6 +193,12 @@ class MuonAdamW(torch.optim.Optimizer):
         )
         if not params:
             return
+        found_inf = self.found_inf
+        if found_inf is not None and not group["fused"]:
+            # Only torch's fused kernels skip on the device; elsewhere (no fused AdamW) read the flag.
+            if found_inf.item():
+                return
+            found_inf = None
         beta1, beta2 = group["betas"]
         adam(
             params,
@@ -144,51 +220,144 @@ class MuonAdamW(torch.optim.Optimizer):
             differentiable=group["differentiable"],
             fused=group["fused"],
             grad_scale=None,
-            found_inf=None,
+            found_inf=found_inf,
             decoupled_weight_decay=True,
         )  # fmt: skip - a loss scaler unscales before step(): this optimizer never sees scaled gradients
 
     def _muon_step(self, group: dict) -> None:
         params, grads, buffers = [], [], []
         torch.optim.Muon._init_group(self, group, params, grads, buffers)
-        lr, momentum = float(group["lr"]), group["momentum"]
+        buckets: dict[tuple, list] = {}  # same shape, same sharing: one stack, one batched call
         for param, grad, buffer in zip(params, grads, buffers, strict=True):
-            buffer.lerp_(grad, 1 - momentum)
-            update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-            target = param
-            if isinstance(param, DTensor):  # sharded: orthogonalise the whole matrix, keep this rank's part
-                whole = update.full_tensor() if isinstance(update, DTensor) else update
-                ortho, alpha = self._orthogonalize(whole, group, lr)
-                replicated = DTensor.from_local(ortho, param.device_mesh, [Replicate()] * param.device_mesh.ndim, run_check=False)  # fmt: skip
-                ortho, target = (
-                    replicated.redistribute(param.device_mesh, param.placements).to_local(),
-                    param.to_local(),
-                )
-            else:
-                ortho, alpha = self._orthogonalize(update, group, lr)
-            target.mul_(1 - lr * group["weight_decay"])
-            target.add_(ortho.to(target.dtype), alpha=alpha)
+            key = (tuple(param.shape), *_layout(param, self.shard_over))
+            buckets.setdefault(key, []).append((param, grad, buffer))
+        for (_, mode, process_group), members in buckets.items():
+            self._muon_bucket(group, *zip(*members, strict=True), mode, process_group)
+
+    def _muon_bucket(self, group: dict, params, grads, buffers, mode: str, process_group) -> None:
+        """Momentum, orthogonalisation and update of same-shape matrices, as stacks."""
+        lr, momentum = float(group["lr"]), group["momentum"]
+        targets = [_local(p, p) for p in params]
+        local_buffers = [_local(b, p) for b, p in zip(buffers, params, strict=True)]
+        # One stack: the gradients, then (in place) the update. The buffers stay per parameter.
+        update = torch.stack([_local(g, p) for g, p in zip(grads, params, strict=True)])
+        rows, keep = list(update.unbind(0)), None
+        if self.found_inf is None:
+            torch._foreach_lerp_(local_buffers, rows, 1 - momentum)
+        else:  # a skipped step: the momentum moves by 0 and the weights add 0, decided on the device
+            keep = (self.found_inf == 0).to(update.dtype)
+            update.nan_to_num_(0.0, 0.0, 0.0)
+            # A list of 0-d weights: a bare tensor weight would be read on the host.
+            torch._foreach_lerp_(local_buffers, rows, [keep * (1 - momentum)] * len(rows))
+        if group["nesterov"]:
+            torch._foreach_lerp_(rows, local_buffers, momentum)
+        else:
+            update = torch.stack(local_buffers)
+        share = {"local": self._share_local, "replicated": self._share_replicated,
+                 "rows": self._share_rows, "gathered": self._share_gathered}[mode]  # fmt: skip
+        ortho, alpha = share(update, params[0], group, lr, process_group)
+        ortho = ortho.to(targets[0].dtype)
+        if keep is not None:
+            ortho.mul_(keep)
+        if group["weight_decay"]:
+            decay = 1 - lr * group["weight_decay"]
+            torch._foreach_mul_(targets, decay if keep is None else 1 - (1 - decay) * keep)
+        torch._foreach_add_(targets, list(ortho.unbind(0)), alpha=alpha)
+
+    # Each `_share_*` takes this rank's stack of updates (whole matrices, or row shards for "rows"
+    # and "gathered") and returns the stack to add to this rank's parameters, and its factor.
+
+    def _share_local(self, update: Tensor, param: Tensor, group: dict, lr: float, _) -> tuple[Tensor, float]:
+        return self._scaled(self._orthogonalise(update, group), param.shape, 0, group, lr)
+
+    def _share_replicated(self, update: Tensor, param: Tensor, group: dict, lr: float, process_group):
+        """DDP: rank r orthogonalises matrices [r k, (r + 1) k), one all-gather gives every result."""
+        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        count = update.size(0)
+        share = -(-count // world)
+        mine = self._orthogonalise(update[rank * share : (rank + 1) * share], group)
+        padded = mine.new_zeros((share, *update.shape[1:]))
+        padded[: mine.size(0)] = mine
+        gathered = padded.new_empty((world * share, *update.shape[1:]))
+        dist.all_gather_single(gathered, padded, group=process_group)
+        return self._scaled(gathered[:count], param.shape, 0, group, lr)
+
+    def _share_rows(self, update: Tensor, param: Tensor, group: dict, lr: float, process_group):
+        """FSDP2 (row shards, torch.chunk's split): all-to-all the rows of each matrix to its owner,
+        orthogonalise, all-to-all the results' rows back. Sent in the orthogonalisation's dtype:
+        its first step is that cast, so nothing is lost on the way there."""
+        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        (count, local_rows, cols), rows = update.shape, param.shape[0]
+        share, chunk = -(-count // world), -(-rows // world)
+        send = update.new_zeros((world * share, chunk, cols), dtype=self._ns_dtype(group, update.device))
+        send[:count, :local_rows] = update
+        received = torch.empty_like(send)  # [source rank, matrix of mine, its rows]
+        dist.all_to_all_single(received, send, group=process_group)
+        whole = received.view(world, share, chunk, cols).transpose(0, 1).reshape(share, world * chunk, cols)
+        owned = max(0, min(share, count - rank * share))
+        mine = self._orthogonalise(whole[:owned, :rows], group)
+        back = whole.new_zeros((share, world * chunk, cols))
+        back[:owned, :rows] = mine
+        send = back.view(share, world, chunk, cols).transpose(0, 1).contiguous()
+        dist.all_to_all_single(received, send.view_as(received), group=process_group)
+        mine = received.view(world * share, chunk, cols)[:count, :local_rows]
+        return self._scaled(mine, param.shape, rank * chunk, group, lr)
+
+    def _share_gathered(self, update: Tensor, param: Tensor, group: dict, lr: float, _):
+        """Tensor parallelism: the whole update on every rank, each keeps its own part of the result."""
+        mesh, placements = param.device_mesh, param.placements
+        whole = torch.stack([
+            DTensor.from_local(u, mesh, placements, run_check=False, shape=param.shape, stride=param.stride()).full_tensor()
+            for u in update.unbind(0)
+        ])  # fmt: skip
+        ortho, alpha = self._scaled(self._orthogonalise(whole, group), param.shape, 0, group, lr)
+        replicate = [Replicate()] * mesh.ndim
+        parts = [DTensor.from_local(o, mesh, replicate, run_check=False).redistribute(mesh, placements).to_local() for o in ortho.unbind(0)]  # fmt: skip
+        return torch.stack(parts), alpha
 
     @staticmethod
-    def _orthogonalize(update: Tensor, group: dict, lr: float) -> tuple[Tensor, float]:
-        """The orthogonalised update and the factor to add it with (minus the adjusted lr)."""
+    def _ns_dtype(group: dict, device: torch.device) -> torch.dtype:
         # A name, not a torch.dtype: param groups go through torch.distributed.checkpoint.
-        dtype = getattr(torch, group["ns_dtype"]) if group["ns_dtype"] else ns_dtype_for(update.device)
-        ns = (group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+        return getattr(torch, group["ns_dtype"]) if group["ns_dtype"] else ns_dtype_for(device)
+
+    def _orthogonalise(self, whole: Tensor, group: dict) -> Tensor:
+        """Whole matrices (n, rows, cols), a fused one part by part, each shape's parts in one call."""
+        ns = (group["ns_coefficients"], group["ns_steps"], group["eps"], self._ns_dtype(group, whole.device))
+        count, rows, cols = whole.shape
+        if not count:  # a rank with no share of this stack
+            return whole.to(ns[-1])
         if group["split"] is None:
-            return newton_schulz(update, *ns), -_adjust_lr(lr, group["adjust_lr_fn"], update.shape)
-        sizes, blocks, cols = group["split"], group["split_blocks"], update.shape[1]
-        view = update.reshape(blocks, sum(sizes), cols)
-        out = torch.empty(view.shape, dtype=torch.float32, device=update.device)
-        start = 0
-        for size in sizes:  # each part, all its rows from every block, as one matrix
-            part = view[:, start : start + size].reshape(blocks * size, cols)
-            scale = _adjust_lr(1.0, group["adjust_lr_fn"], part.shape)
-            out[:, start : start + size] = (
-                newton_schulz(part, *ns).view(blocks, size, cols).float().mul_(scale)
-            )
-            start += size
-        return out.view(update.shape), -lr
+            self.matrices_orthogonalised += count
+            return orthogonalise(whole, *ns)
+        sizes, blocks = group["split"], group["split_blocks"]
+        view = whole.view(count, blocks, sum(sizes), cols)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        out = torch.empty(view.shape, dtype=ns[-1], device=whole.device)
+        for size in sorted(set(sizes)):  # each part, all its rows from every block, as one matrix
+            same = [i for i, s in enumerate(sizes) if s == size]
+            stack = torch.cat([view[:, :, starts[i] : starts[i] + size] for i in same])
+            result = orthogonalise(stack.reshape(-1, blocks * size, cols), *ns)
+            for index, part in zip(
+                same, result.view(len(same), *view[:, :, :size].shape).unbind(0), strict=True
+            ):
+                out[:, :, starts[index] : starts[index] + size] = part
+        self.matrices_orthogonalised += count * len(sizes)
+        return out.view(count, rows, cols)
+
+    @staticmethod
+    def _scaled(ortho: Tensor, shape, first_row: int, group: dict, lr: float) -> tuple[Tensor, float]:
+        """The update (rows `first_row`... of the whole matrices) and the factor to add it with.
+
+        torch's learning-rate rule, by each matrix's shape: a fused matrix's parts each by their own.
+        """
+        rule = group["adjust_lr_fn"]
+        if group["split"] is None:
+            return ortho, -_adjust_lr(lr, rule, shape)
+        sizes, blocks, cols = group["split"], group["split_blocks"], shape[1]
+        scales = [_adjust_lr(1.0, rule, (blocks * size, cols)) for size in sizes]
+        per_row = torch.tensor(scales).repeat_interleave(torch.tensor(sizes)).repeat(blocks)
+        rows = per_row[first_row : first_row + ortho.size(1)].to(ortho.device, torch.float32)
+        return ortho.float().mul_(rows[:, None]), -lr
 
 
 def muon_adamw_groups(
@@ -240,7 +409,9 @@ def build_muon_adamw(
     lr_rule,
     device,
     precision: str = "auto",
+    shard_over=None,
 ) -> MuonAdamW:
+    """shard_over: see `MuonAdamW` (DDP's process group; None elsewhere)."""
     fused = device.type in ("cuda", "cpu")  # never self-unscaling: fine under a loss scaler too
     groups = muon_adamw_groups(
         model,
@@ -257,6 +428,7 @@ def build_muon_adamw(
             "ns_dtype": None if precision == "auto" else precision,
         },
         adamw_defaults={"betas": tuple(betas), "fused": fused, "foreach": None if fused else True},
+        shard_over=shard_over,
     )
 
 

@@ -12,15 +12,21 @@ Called once from `LanguageModel.configure_model`, in torchtitan's order:
    loss (loss.py): the full logits are still never held.
 2. activation checkpointing, per block: "full" recomputes a block's activations in backward,
    "selective" keeps the outputs of the matrix products and attention and recomputes the rest.
-3. torch.compile, per block, in place (state-dict keys stay clean, Lightning #17415).
-4. FSDP2 (`fully_shard`) over the "data_parallel" dimension: each block is a unit, then the root
-   (embedding, final norm and LM head together: the loss reads the head's weight without
-   calling the head, and tied weights must share a unit). On a 1-device mesh too, so that one
+3. torch.compile, per block (fullgraph), in place (state-dict keys stay clean, Lightning #17415);
+   and the chunked loss's per-chunk work, on CUDA (loss.py).
+4. FSDP2 (`fully_shard`) over the "data_parallel" dimension: the embedding, each block, and the
+   final norm with the LM head are units (`apply_fsdp`), then the root. On a 1-device mesh too, so that one
    process reads and writes the same sharded checkpoints as many. Its mixed-precision policy
    follows `--trainer.precision`: bf16 (or fp16) compute and gathers, fp32 reductions and
    master weights.
 
 Without a mesh (one device, DDP) only steps 2 and 3 apply.
+
+The model arrives on the meta device (`LanguageModel` builds it there), so no rank ever holds
+the whole model: `materialize` then gives each rank storage for its shards only and writes
+into them the values one process would have initialised (`Transformer.init_weights`).
+Gradient accumulation under FSDP2: `set_gradient_sync` turns the reduce-scatters off on
+non-final micro-batches.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch import nn
 
 from llm_lightning.errors import UserError
 from llm_lightning.model import Transformer
+from llm_lightning.model.loss import linear_cross_entropy
 from llm_lightning.training.parallel.loss import vocab_parallel_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -58,12 +65,16 @@ def parallelize(
     if activation_checkpointing != "none":
         apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
-        if tensor_parallel and next(model.parameters()).device.type == "cpu":
+        if tensor_parallel and mesh.device_type == "cpu":  # (the model may still be on meta here)
             # torch 2.13 on CPU fails in backward on DTensor inputs to compiled blocks.
             log.warning("--model.compile is off under tensor parallelism on CPU (fails in torch 2.13)")
         else:
             for block in model.layers:
-                block.compile()
+                # fullgraph: a graph break inside a block would split it into slower pieces unseen.
+                block.compile(fullgraph=True)
+            if model.head_loss is linear_cross_entropy:  # (tensor parallelism has its own loss)
+                # The loss compiles its per-chunk work where it runs on CUDA; CPUs stay eager.
+                model.head_loss = partial(linear_cross_entropy, compile=True)
     if mesh is not None:
         apply_fsdp(model, mesh["data_parallel"], mixed_precision_policy(precision))
     return model
@@ -124,6 +135,7 @@ def _selective_policy():
         aten._scaled_dot_product_flash_attention_for_cpu.default,
         aten._scaled_dot_product_efficient_attention.default,
         aten._scaled_dot_product_flash_attention.default,
+        aten._scaled_dot_product_cudnn_attention.default,  # cuDNN goes first on Hopper (layers.py)
         torch.ops._c10d_functional.reduce_scatter_tensor.default,
         torch.ops._c10d_functional.all_reduce.default,
     }
@@ -158,14 +170,76 @@ def mixed_precision_policy(precision: str):
 
 
 def apply_fsdp(model: Transformer, dp_mesh, policy) -> None:
+    """Units as torchtitan's: the embedding, each block, the final norm with the LM head, then the root.
+
+    Each unit gathers and reduce-scatters its parameters on its own, so the embedding's (a large
+    share of a small model) are gathered only around the embedding and the head's only at the end.
+    The head is read by the loss without being called: grouped with the final norm (called just
+    before) and not resharded after forward, it stays gathered for the loss and its backward.
+    Tied weights are one parameter and must share a unit: embedding, norm and head together then.
+    """
     from torch.distributed.fsdp import fully_shard
 
     options = {"mesh": dp_mesh} if policy is None else {"mesh": dp_mesh, "mp_policy": policy}
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    if not tied:
+        fully_shard(model.embed_tokens, **options)
     last = len(model.layers) - 1
     for index, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by the backward: keep them gathered.
         fully_shard(block, reshard_after_forward=index < last, **options)
+    head = [model.embed_tokens, model.norm, model.lm_head] if tied else [model.norm, model.lm_head]
+    fully_shard(head, reshard_after_forward=False, **options)
     fully_shard(model, **options)
+
+
+def fsdp_units(model: nn.Module) -> int:
+    """FSDP2 units that own parameters (each reduce-scatters its gradients once per sync)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    # A unit of several modules (norm + head) is one state shared by each of them: count it once.
+    states = {
+        id(m._get_fsdp_state()): m._get_fsdp_state() for m in model.modules() if isinstance(m, FSDPModule)
+    }
+    return sum(1 for state in states.values() if state._fsdp_param_group is not None)
+
+
+def set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    """FSDP2: reduce-scatter gradients in this backward or not (keep accumulating them unsharded).
+
+    Lightning's no-sync during gradient accumulation covers DDP only; without this FSDP2
+    reduce-scatters every unit's gradients after every micro-batch.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+
+
+@torch.no_grad()
+def materialize(model: Transformer, device: torch.device) -> None:
+    """Storage for a model built on the meta device, then one process's initial weights, shard by shard."""
+    model.to_empty(device=device)
+    model.init_weights(write=write_local_shard)
+
+
+def write_local_shard(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of a parameter's whole initial value into it (all of it if not sharded)."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        param.copy_(full)
+    elif param.device_mesh.ndim == 1 and param.placements == (Shard(0),):
+        # FSDP2's rows (torch.chunk's split), copied straight from a view: no second copy of the
+        # part, which at xl is what decides the rank's peak memory during init.
+        mesh, local = param.device_mesh, param.to_local()
+        rows = full.chunk(mesh.size(), dim=0)
+        if local.numel():  # (a rank past the last chunk holds nothing)
+            local.copy_(rows[mesh.get_local_rank()])
+    else:
+        # src_data_rank=None: every rank holds the whole value and slices its part, no communication.
+        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
 
 
 def plain_module(module: nn.Module) -> nn.Module:

@@ -17,6 +17,7 @@ What it adds (Lightning 2.6's strategy is experimental, and these were found on 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from llm_lightning.errors import UserError
 from llm_lightning.io.atomic import AtomicFolder
-from llm_lightning.io.checkpoint import FORMAT_KEY, MODEL_PREFIX, model_config, upgrade_weights
+from llm_lightning.io.checkpoint import FORMAT_KEY, MODEL_PREFIX, check_shards, model_config, upgrade_weights
 
 
 class ShardedStrategy(ModelParallelStrategy):
@@ -84,9 +85,16 @@ class ShardedStrategy(ModelParallelStrategy):
     # ----------------------------------------------------------------- loading
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
         path = Path(self.broadcast(str(checkpoint_path)))
-        if path.is_dir():
+        if not path.is_dir():
+            return self._load_single_file(path)
+        check_shards(path)  # on every rank, before any collective: a damaged file is one line, not a hang
+        try:
             return super().load_checkpoint(path, weights_only)
-        return self._load_single_file(path)
+        except (OSError, EOFError, AssertionError, pickle.UnpicklingError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserError(
+                f"--ckpt_path {path}: not a readable sharded checkpoint (damaged?): {reason}"
+            ) from None
 
     def _load_single_file(self, path: Path) -> dict:
         from torch.distributed.checkpoint.state_dict import (

@@ -263,9 +263,13 @@ def run_fit(args: argparse.Namespace, config: ModelConfig, device: torch.device)
 
 
 def strategy(name: str):
+    from lightning.pytorch.strategies import DDPStrategy
+
     from llm_lightning.training.parallel import ShardedStrategy
 
-    return {"single": "auto", "ddp": "ddp", "fsdp": ShardedStrategy(tensor_parallel_size=1)}[name]
+    if name == "ddp":  # as configs/strategy/ddp.yaml
+        return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True, broadcast_buffers=False)
+    return {"single": "auto", "fsdp": ShardedStrategy(tensor_parallel_size=1)}[name]
 
 
 class MemoryProbe(L.Callback):

@@ -268,7 +268,9 @@ def strategy(name: str):
     from llm_lightning.training.parallel import ShardedStrategy
 
     if name == "ddp":  # as configs/strategy/ddp.yaml
-        return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True, broadcast_buffers=False)
+        return DDPStrategy(
+            find_unused_parameters=False, gradient_as_bucket_view=True, broadcast_buffers=False
+        )
     return {"single": "auto", "fsdp": ShardedStrategy(tensor_parallel_size=1)}[name]
 
 

@@ -14,9 +14,9 @@ Notable:
   variance does not grow with depth. On tinyshakespeare this reaches a lower loss in the same
   steps than GPT-2's 0.02 with 1/sqrt(2 x layers) scaled projections, or litgpt's init
   (README, Performance). Each parameter is drawn from its own generator, seeded by the model's
-  seed (drawn from torch's global RNG when the model is built) and the parameter's name, one
-  whole tensor at a time (`init_weights`): so a model built on the meta device and sharded
-  before it is initialised gets, shard by shard, the weights one process would have.
+  seed (drawn from torch's global RNG when the model is built), the parameter's name and a
+  block of rows (`init_weights`): so a model built on the meta device and sharded before it is
+  initialised draws only its own rows and gets the weights one process would have.
 Weights map one to one onto Hugging Face's LlamaForCausalLM (q/k/v and gate/up are fused
 here, in layouts an even row split keeps whole heads of, and split apart on export: hf.py).
 """
@@ -24,6 +24,7 @@ here, in layouts an even row split keeps whole heads of, and split apart on expo
 from __future__ import annotations
 
 import zlib
+from functools import partial
 
 import torch
 from torch import nn
@@ -45,6 +46,10 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+# Rows drawn from one generator in the initialisation (any multiple of it gives a rank its rows cheaply).
+INIT_BLOCK_ROWS = 64
 
 
 class Transformer(nn.Module):
@@ -71,30 +76,52 @@ class Transformer(nn.Module):
     def init_weights(self, write=None) -> None:
         """Initialise every parameter (and rebuild the rotary tables) from `init_seed`.
 
-        `write(param, full)` stores a parameter's whole initial value into it; the default copies
-        it, and sharded training passes one that keeps only this rank's shard, so that a model
-        materialised from the meta device, sharded, equals one process's.
+        `write(param, value)` stores a parameter's initial value into it, where `value(rows)`
+        gives rows [rows.start, rows.stop) of it (None: all): the default copies the whole value;
+        sharded training passes one that draws only this rank's rows, so that a model
+        materialised from the meta device, sharded, equals one process's without any rank ever
+        holding a whole parameter.
         """
         self.rotary.reset_parameters()
         for name, param in self.named_parameters():
             # Wrappers (activation checkpointing, compile) applied before a meta-device init add
             # these to the names: the streams must not depend on them.
             name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-            full = self.initial_value(name, tuple(param.shape))
+            value = partial(self.initial_value, name, tuple(param.shape))
             if write is None:
-                param.copy_(full)
+                param.copy_(value())
             else:
-                write(param, full)
+                write(param, value)
 
-    def initial_value(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A parameter's whole initial value, on the CPU, from its own generator."""
+    def initial_value(self, name: str, shape: tuple[int, ...], rows: slice | None = None) -> torch.Tensor:
+        """Rows `rows` (default all) of a parameter's initial value, on the CPU.
+
+        Random matrices are drawn in blocks of INIT_BLOCK_ROWS rows, each from its own generator
+        seeded by the model's seed, the parameter's name (not its position: wrappers and sharding
+        keep the order of neither) and the block's index: any slice of rows comes out the same
+        whether drawn alone or as part of the whole.
+        """
+        start, stop, _ = (rows or slice(None)).indices(shape[0])
+        part = (max(stop - start, 0), *shape[1:])
         if len(shape) == 1:  # norm weights
-            return torch.ones(shape, device="cpu")
+            return torch.ones(part, device="cpu")
         if name.endswith(("o_proj.weight", "down_proj.weight")):  # writes into the residual stream
-            return torch.zeros(shape, device="cpu")
-        # The name, not the position, picks the stream: wrappers and sharding keep the order of neither.
-        generator = torch.Generator(device="cpu").manual_seed(self.init_seed ^ zlib.crc32(name.encode()))
-        return torch.empty(shape, device="cpu").normal_(0.0, self.config.init_std, generator=generator)
+            return torch.zeros(part, device="cpu")
+        first, last = start // INIT_BLOCK_ROWS, -(-stop // INIT_BLOCK_ROWS)
+        blocks = []
+        for block in range(first, last):
+            generator = torch.Generator(device="cpu").manual_seed(
+                self.init_seed ^ zlib.crc32(f"{name}#{block}".encode())
+            )
+            height = min(INIT_BLOCK_ROWS, shape[0] - block * INIT_BLOCK_ROWS)
+            blocks.append(
+                torch.empty((height, *shape[1:]), device="cpu").normal_(
+                    0.0, self.config.init_std, generator=generator
+                )
+            )
+        whole = torch.cat(blocks) if len(blocks) > 1 else blocks[0] if blocks else torch.empty(part)
+        offset = start - first * INIT_BLOCK_ROWS
+        return whole[offset : offset + part[0]]
 
     def reset_parameters(self) -> None:
         self.init_weights()

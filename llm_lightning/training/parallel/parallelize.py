@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ from torch import nn
 from llm_lightning.errors import UserError
 from llm_lightning.model import Transformer
 from llm_lightning.model.loss import linear_cross_entropy
+from llm_lightning.model.transformer import INIT_BLOCK_ROWS
 from llm_lightning.training.parallel.loss import vocab_parallel_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -223,22 +225,28 @@ def materialize(model: Transformer, device: torch.device) -> None:
     model.init_weights(write=write_local_shard)
 
 
-def write_local_shard(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy this rank's part of a parameter's whole initial value into it (all of it if not sharded)."""
+def write_local_shard(param: torch.Tensor, value) -> None:
+    """Store this rank's part of a parameter's initial value; `value(rows)` draws rows of it."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     if not isinstance(param, DTensor):
-        param.copy_(full)
+        param.copy_(value())
     elif param.device_mesh.ndim == 1 and param.placements == (Shard(0),):
-        # FSDP2's rows (torch.chunk's split), copied straight from a view: no second copy of the
-        # part, which at xl is what decides the rank's peak memory during init.
+        # FSDP2's rows (torch.chunk's split): draw only those, so that no rank ever holds a whole
+        # parameter (at xl that decides a rank's peak memory during init).
         mesh, local = param.device_mesh, param.to_local()
-        rows = full.chunk(mesh.size(), dim=0)
-        if local.numel():  # (a rank past the last chunk holds nothing)
-            local.copy_(rows[mesh.get_local_rank()])
+        per_rank = -(-param.shape[0] // mesh.size())
+        start = mesh.get_local_rank() * per_rank
+        stop = start + local.shape[0]  # (a rank past the last chunk holds nothing)
+        # Block by block, aligned to the generators' blocks: each is drawn once, straight into place.
+        edges = sorted(
+            {start, stop, *range(-(-start // INIT_BLOCK_ROWS) * INIT_BLOCK_ROWS, stop, INIT_BLOCK_ROWS)}
+        )
+        for low, high in pairwise(edges):
+            local[low - start : high - start].copy_(value(slice(low, high)))
     else:
         # src_data_rank=None: every rank holds the whole value and slices its part, no communication.
-        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        shard = distribute_tensor(value(), param.device_mesh, param.placements, src_data_rank=None)
         param.to_local().copy_(shard.to_local())
 
 

@@ -372,21 +372,22 @@ def step_audit(args: argparse.Namespace) -> int:
     """--mode step-audit: one JSON line from rank 0 (tools/step_audit.py)."""
     from llm_lightning.tools.step_audit import print_report, run_step_audit
 
-    torch.manual_seed(args.seed)
-    result = run_step_audit(args, model_config(args), resolve_device(args.device))
-    if result is not None:
-        print_report(result)
-    return 0
+    return audit(args, run_step_audit, print_report)
 
 
 def init_audit(args: argparse.Namespace) -> int:
     """--mode init: peak memory per rank after build, shard and init, one JSON line (tools/init_audit.py)."""
     from llm_lightning.tools.init_audit import print_init_report, run_init_audit
 
+    return audit(args, run_init_audit, print_init_report)
+
+
+def audit(args: argparse.Namespace, run_audit: Callable, print_result: Callable) -> int:
+    """Seed, run an audit on this bench's model and device, print its result where it has one (rank 0)."""
     torch.manual_seed(args.seed)
-    result = run_init_audit(args, model_config(args), resolve_device(args.device))
+    result = run_audit(args, model_config(args), resolve_device(args.device))
     if result is not None:
-        print_init_report(result)
+        print_result(result)
     return 0
 
 
